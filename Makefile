@@ -1,0 +1,43 @@
+# The README's commands. Every target installs what it needs itself.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export VB_TEST_DATABASE_URL ?= mysql://vbtest:vbtest@127.0.0.1:3306/vb_test
+export VB_TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+export VB_DEMO_DATABASE_URL ?= mysql://vbtest:vbtest@127.0.0.1:3306/vb_demo
+
+.PHONY: test demo lint format bench services venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+services:
+	bash scripts/services
+
+test: venv services
+	$(BIN)/pytest -q -p no:cacheprovider
+
+demo: venv services
+	$(BIN)/vici-balancer demo --database-url "$(VB_DEMO_DATABASE_URL)"
+
+lint: venv
+	$(BIN)/ruff check balancer tests bench
+	$(BIN)/ruff format --check balancer tests bench
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format balancer tests bench
+	$(BIN)/ruff check --fix balancer tests bench
+
+bench: venv services
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

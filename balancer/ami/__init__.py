@@ -1,0 +1,1 @@
+"""Asterisk Manager Interface: the wire codec and the balancer's AMI sessions."""

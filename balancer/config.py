@@ -1,0 +1,490 @@
+"""Configuration: one TOML file, environment overrides, astguiclient.conf fallback; one frozen object.
+
+Every setting is defined once, here, with its default. Validation happens at load; any bad value
+raises ConfigError naming the key (``section.key``) and the expected form.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from balancer.astguiclient import read_astguiclient
+from balancer.db.url import DatabaseUrl, parse_database_url
+from balancer.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/vici-balancer.toml")
+DEFAULT_ASTGUICLIENT_PATH = Path("/etc/astguiclient.conf")
+ENV_DATABASE_URL = "VICI_BALANCER_DATABASE_URL"
+ENV_REDIS_URL = "VICI_BALANCER_REDIS_URL"
+ENV_AMI_SECRET = "VICI_BALANCER_AMI_SECRET"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A TCP address; host is a name or an IP literal (IPv6 without brackets)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: DatabaseUrl
+    source: str  # where the URL came from: "config", "env" or the astguiclient path
+    connect_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = "memory://"
+    key_prefix: str = "vb:"
+    state_ttl_s: float = 10.0
+
+    @property
+    def is_memory(self) -> bool:
+        return self.url == "memory://"
+
+
+@dataclass(frozen=True)
+class AmiServerOverride:
+    address: HostPort | None = None
+    username: str | None = None
+    secret: str | None = None
+
+
+@dataclass(frozen=True)
+class AmiConfig:
+    address_policy: str = "server_ip"  # or "telnet_host"
+    events: str = "call,system"
+    use_filters: bool = True
+    connect_timeout_s: float = 3.0
+    action_timeout_s: float = 5.0
+    reconnect_initial_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    registry_refresh_s: float = 10.0
+    reconcile_interval_s: float = 30.0
+    max_message_bytes: int = 65536
+    username: str | None = None
+    secret: str | None = None
+    servers: Mapping[str, AmiServerOverride] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    heartbeat_interval_s: float = 1.0
+    heartbeat_misses: int = 2
+    server_updater_max_age_s: float = 60.0
+    check_server_updater: bool = True
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    mode: str = "live"  # or "faithful"
+    cycle_interval_s: float = 2.5
+    staggered: bool = False
+    shortage_window_s: float = 1200.0
+    live_agent_max_age_s: float = 0.0  # 0: VICIdial's behaviour, any live agent row counts
+    count_remote_agents: bool = True  # VICIdial counts them for the live-agent rule
+    lock_ttl_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class AgentsConfig:
+    default_capacity: int = 100
+    capacity: Mapping[str, int] = field(default_factory=dict)
+    manage_login_flags: bool = True
+    hysteresis_pct: float = 10.0
+
+
+@dataclass(frozen=True)
+class CarrierConfig:
+    id: str
+    dial_prefix: str
+    trunk_names: tuple[str, ...] = ()
+    max_lines_per_server: int = 0  # 0: no cap
+    servers: tuple[str, ...] = ()  # empty: where vicidial_server_carriers has an active row
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: HostPort | None = None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "INFO"
+    format: str = "text"  # or "json"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, immutable once loaded."""
+
+    database: DatabaseConfig
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    ami: AmiConfig = field(default_factory=AmiConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
+    carriers: tuple[CarrierConfig, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    path: str | None = None
+
+
+# --------------------------------------------------------------------------- value checkers
+
+
+class _Section:
+    """Reads typed values from one TOML table and reports unknown keys."""
+
+    def __init__(self, name: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{name}: expected a table, got {type(data).__name__}")
+        self.name = name
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}" if self.name else key
+
+    def get(self, key: str, default: T, check: Callable[[str, Any], T]) -> T:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        return check(self.key(key), self.data[key])
+
+    def optional(self, key: str, check: Callable[[str, Any], T]) -> T | None:
+        self.used.add(key)
+        if key not in self.data:
+            return None
+        return check(self.key(key), self.data[key])
+
+    def table(self, key: str) -> _Section:
+        self.used.add(key)
+        return _Section(self.key(key), self.data.get(key, {}))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def _string(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _nonempty(key: str, value: Any) -> str:
+    text = _string(key, value)
+    if not text.strip():
+        raise ConfigError(f"{key}: must not be empty")
+    return text
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _int_min(minimum: int) -> Callable[[str, Any], int]:
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+        return value
+
+    return check
+
+
+def _positive_float(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{key}: expected a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _nonneg_float(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{key}: expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        if value not in choices:
+            expected = " or ".join(repr(c) for c in choices)
+            raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+        return str(value)
+
+    return check
+
+
+def _string_list(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key}: expected a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+def parse_host_port(key: str, value: Any) -> HostPort:
+    """Parse 'host:port' or '[v6]:port'; the error names the key."""
+    text = _string(key, value).strip()
+    host, sep, port_text = text.rpartition(":")
+    if text.startswith("["):
+        host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{key}: expected 'host:port' (port 1-65535), got {text!r}")
+    return HostPort(host, int(port_text))
+
+
+def is_ipv4(text: str) -> bool:
+    """True for a dotted-quad IPv4 address (VICIdial's server_ip form)."""
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _server_ip_key(key: str, value: str) -> str:
+    if not is_ipv4(value):
+        raise ConfigError(f"{key}: server key must be a server_ip (IPv4), got {value!r}")
+    return value
+
+
+def _redis_url(key: str, value: Any) -> str:
+    url = _string(key, value).strip()
+    if url != "memory://" and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f"{key}: expected 'memory://' or 'redis://host:port/db', got {url.split('@')[-1]!r}"
+        )
+    return url
+
+
+def _log_level(key: str, value: Any) -> str:
+    return _choice("DEBUG", "INFO", "WARNING", "ERROR")(key, str(value).upper())
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _database(
+    section: _Section, env: Mapping[str, str], astguiclient_path: Path
+) -> DatabaseConfig:
+    timeout = section.get("connect_timeout_s", 5.0, _positive_float)
+    conf_path = Path(section.get("astguiclient_conf", str(astguiclient_path), _nonempty))
+    file_url = section.optional("url", _string)
+    section.done()
+    if env.get(ENV_DATABASE_URL):
+        return DatabaseConfig(
+            parse_database_url(env[ENV_DATABASE_URL], ENV_DATABASE_URL), "env", timeout
+        )
+    if file_url:
+        return DatabaseConfig(parse_database_url(file_url, "database.url"), "config", timeout)
+    if conf_path.exists():
+        return DatabaseConfig(read_astguiclient(conf_path).database_url(), str(conf_path), timeout)
+    raise ConfigError(
+        f"database.url: not set; set it in the config file, in ${ENV_DATABASE_URL}, "
+        f"or provide {conf_path} (VARDB_* lines)"
+    )
+
+
+def _ami(section: _Section, env: Mapping[str, str]) -> AmiConfig:
+    overrides: dict[str, AmiServerOverride] = {}
+    servers = section.table("servers")
+    for server_ip in list(servers.data):
+        servers.used.add(server_ip)
+        _server_ip_key(servers.key(server_ip), server_ip)
+        entry = servers.table(server_ip)
+        overrides[server_ip] = AmiServerOverride(
+            address=entry.optional("address", parse_host_port),
+            username=entry.optional("username", _nonempty),
+            secret=entry.optional("secret", _nonempty),
+        )
+        entry.done()
+    config = AmiConfig(
+        address_policy=section.get("address_policy", "server_ip", _choice("server_ip", "telnet_host")),
+        events=section.get("events", "call,system", _nonempty),
+        use_filters=section.get("use_filters", True, _bool),
+        connect_timeout_s=section.get("connect_timeout_s", 3.0, _positive_float),
+        action_timeout_s=section.get("action_timeout_s", 5.0, _positive_float),
+        reconnect_initial_s=section.get("reconnect_initial_s", 0.5, _positive_float),
+        reconnect_max_s=section.get("reconnect_max_s", 30.0, _positive_float),
+        registry_refresh_s=section.get("registry_refresh_s", 10.0, _positive_float),
+        reconcile_interval_s=section.get("reconcile_interval_s", 30.0, _positive_float),
+        max_message_bytes=section.get("max_message_bytes", 65536, _int_min(1024)),
+        username=section.optional("username", _nonempty),
+        secret=env.get(ENV_AMI_SECRET) or section.optional("secret", _nonempty),
+        servers=overrides,
+    )
+    section.done()
+    if config.reconnect_max_s < config.reconnect_initial_s:
+        raise ConfigError("ami.reconnect_max_s: must be >= ami.reconnect_initial_s")
+    return config
+
+
+def _health(section: _Section) -> HealthConfig:
+    config = HealthConfig(
+        heartbeat_interval_s=section.get("heartbeat_interval_s", 1.0, _positive_float),
+        heartbeat_misses=section.get("heartbeat_misses", 2, _int_min(1)),
+        server_updater_max_age_s=section.get("server_updater_max_age_s", 60.0, _positive_float),
+        check_server_updater=section.get("check_server_updater", True, _bool),
+    )
+    section.done()
+    return config
+
+
+def _balance(section: _Section) -> BalanceConfig:
+    config = BalanceConfig(
+        mode=section.get("mode", "live", _choice("live", "faithful")),
+        cycle_interval_s=section.get("cycle_interval_s", 2.5, _positive_float),
+        staggered=section.get("staggered", False, _bool),
+        shortage_window_s=section.get("shortage_window_s", 1200.0, _positive_float),
+        live_agent_max_age_s=section.get("live_agent_max_age_s", 0.0, _nonneg_float),
+        count_remote_agents=section.get("count_remote_agents", True, _bool),
+        lock_ttl_s=section.get("lock_ttl_s", 5.0, _positive_float),
+    )
+    section.done()
+    return config
+
+
+def _agents(section: _Section) -> AgentsConfig:
+    capacity: dict[str, int] = {}
+    table = section.table("capacity")
+    for server_ip, value in table.data.items():
+        table.used.add(server_ip)
+        key = table.key(server_ip)
+        capacity[_server_ip_key(key, server_ip)] = _int_min(0)(key, value)
+    config = AgentsConfig(
+        default_capacity=section.get("default_capacity", 100, _int_min(0)),
+        capacity=capacity,
+        manage_login_flags=section.get("manage_login_flags", True, _bool),
+        hysteresis_pct=section.get("hysteresis_pct", 10.0, _nonneg_float),
+    )
+    section.done()
+    return config
+
+
+def _carriers(value: Any) -> tuple[CarrierConfig, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("carriers: expected an array of tables ([[carriers]])")
+    carriers: list[CarrierConfig] = []
+    seen_ids: set[str] = set()
+    seen_prefixes: dict[str, str] = {}
+    for index, raw in enumerate(value):
+        section = _Section(f"carriers[{index}]", raw)
+        carrier = CarrierConfig(
+            id=section.get("id", "", _nonempty),
+            dial_prefix=section.get("dial_prefix", "", _nonempty),
+            trunk_names=section.get("trunk_names", (), _string_list),
+            max_lines_per_server=section.get("max_lines_per_server", 0, _int_min(0)),
+            servers=section.get("servers", (), _string_list),
+        )
+        section.done()
+        if not carrier.id:
+            raise ConfigError(f"carriers[{index}].id: required")
+        if not carrier.dial_prefix:
+            raise ConfigError(f"carriers[{index}].dial_prefix: required")
+        if carrier.id in seen_ids:
+            raise ConfigError(f"carriers[{index}].id: duplicate carrier id {carrier.id!r}")
+        if carrier.dial_prefix in seen_prefixes:
+            raise ConfigError(
+                f"carriers[{index}].dial_prefix: {carrier.dial_prefix!r} already used by "
+                f"carrier {seen_prefixes[carrier.dial_prefix]!r}"
+            )
+        for server_ip in carrier.servers:
+            _server_ip_key(f"carriers[{index}].servers", server_ip)
+        seen_ids.add(carrier.id)
+        seen_prefixes[carrier.dial_prefix] = carrier.id
+        carriers.append(carrier)
+    return tuple(carriers)
+
+
+def _loopback_listen(key: str, value: Any) -> HostPort | None:
+    if value == "":
+        return None
+    address = parse_host_port(key, value)
+    return address
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def config_from_dict(
+    data: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    astguiclient_path: Path = DEFAULT_ASTGUICLIENT_PATH,
+    path: str | None = None,
+) -> Config:
+    """Build and validate a Config from parsed TOML data plus the environment."""
+    env = os.environ if env is None else env
+    root = _Section("", dict(data))
+    database = _database(root.table("database"), env, astguiclient_path)
+
+    redis_section = root.table("redis")
+    redis_url = redis_section.get("url", "memory://", _redis_url)
+    if env.get(ENV_REDIS_URL):
+        redis_url = _redis_url(ENV_REDIS_URL, env[ENV_REDIS_URL])
+    redis = RedisConfig(
+        url=redis_url,
+        key_prefix=redis_section.get("key_prefix", "vb:", _nonempty),
+        state_ttl_s=redis_section.get("state_ttl_s", 10.0, _positive_float),
+    )
+    redis_section.done()
+
+    metrics_section = root.table("metrics")
+    metrics = MetricsConfig(listen=metrics_section.get("listen", None, _loopback_listen))
+    metrics_section.done()
+
+    log_section = root.table("log")
+    log = LogConfig(
+        level=log_section.get("level", "INFO", _log_level),
+        format=log_section.get("format", "text", _choice("text", "json")),
+    )
+    log_section.done()
+
+    config = Config(
+        database=database,
+        redis=redis,
+        ami=_ami(root.table("ami"), env),
+        health=_health(root.table("health")),
+        balance=_balance(root.table("balance")),
+        agents=_agents(root.table("agents")),
+        carriers=root.get("carriers", (), lambda _k, v: _carriers(v)),
+        metrics=metrics,
+        log=log,
+        path=path,
+    )
+    root.done()
+    return config
+
+
+def load_config(
+    path: Path | None,
+    env: Mapping[str, str] | None = None,
+    astguiclient_path: Path = DEFAULT_ASTGUICLIENT_PATH,
+) -> Config:
+    """Load the TOML file at ``path`` (a missing default path means all defaults)."""
+    data: dict[str, Any] = {}
+    chosen = path if path is not None else DEFAULT_CONFIG_PATH
+    if chosen.exists():
+        try:
+            data = tomllib.loads(chosen.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{chosen}: cannot read: {exc.strerror}") from None
+    elif path is not None:
+        raise ConfigError(f"{chosen}: config file not found")
+    return config_from_dict(data, env, astguiclient_path, str(chosen) if chosen.exists() else None)

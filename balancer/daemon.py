@@ -1,0 +1,239 @@
+"""The daemon: registry refresh, one AMI session per server, channel tracking, state publishing.
+
+Layering: `vici-balancer run` → `run(config)` → `Daemon.serve()`. Tests call `serve()` directly
+with a stop event. Every task is held in a TaskGroup; nothing is fire-and-forget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from balancer.ami.fabric import Fabric
+from balancer.config import Config
+from balancer.db import queries
+from balancer.db.connection import Connection
+from balancer.db.worker import DbWorker
+from balancer.errors import AmiError, BalancerError
+from balancer.registry import Registry, WatchedServer, trunk_names
+from balancer.store import open_store
+from balancer.store.base import ServerMeta, StateStore
+from balancer.tracker import TRACKED_EVENTS, Classifier, Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """What one registry refresh reads from the database (four queries, one round on the worker)."""
+
+    servers: list[queries.ServerRow]
+    carriers: list[queries.CarrierRow]
+    phones: dict[str, set[str]]
+    updater_ages: dict[str, float]
+
+
+def read_cluster(conn: Connection) -> ClusterSnapshot:
+    """The registry's inputs, read on the DB worker thread."""
+    return ClusterSnapshot(
+        servers=queries.load_servers(conn),
+        carriers=queries.load_carriers(conn),
+        phones=queries.load_phone_extensions(conn),
+        updater_ages=queries.load_updater_ages(conn),
+    )
+
+
+@dataclass
+class Counters:
+    """Totals for the shutdown summary line."""
+
+    started_at: float = field(default_factory=time.monotonic)
+    registry_refreshes: int = 0
+    registry_failures: int = 0
+    snapshots: int = 0
+    snapshot_failures: int = 0
+
+
+def event_filters() -> tuple[str, ...]:
+    """AMI Filter whitelist: only the events the tracker uses cross the wire (Asterisk 13+)."""
+    return (f"Event: ({'|'.join(TRACKED_EVENTS)})",)
+
+
+class Daemon:
+    """Tracks every server of the cluster into the state store until stopped."""
+
+    def __init__(self, config: Config, store: StateStore | None = None) -> None:
+        self.config = config
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._own_store = store is None
+        self.store = store if store is not None else open_store(config.redis)
+        self.registry = Registry(config.ami)
+        self.tracker = Tracker(self.store, config.health)
+        self.fabric = Fabric(config.ami, config.health, self.tracker, event_filters())
+        self.counters = Counters()
+        self.watched: dict[str, WatchedServer] = {}
+        self.ready = asyncio.Event()  # set after the first registry refresh
+        self._db: DbWorker | None = None
+
+    async def serve(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set (or the task is cancelled), then shut down in order."""
+        stop = stop or asyncio.Event()
+        self._db = DbWorker(self.config.database.url, self.config.database.connect_timeout_s)
+        log.info(
+            "daemon %s starting: database %s, state %s",
+            self.name,
+            self.config.database.url,
+            "memory://" if self.config.redis.is_memory else self.config.redis.url.split("@")[-1],
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.tracker.run_flusher(stop), name="flusher")
+                group.create_task(self._registry_loop(stop), name="registry")
+                group.create_task(self._snapshot_loop(stop), name="snapshots")
+                group.create_task(self._reconcile_loop(stop), name="reconcile")
+                group.create_task(self._heartbeat_loop(stop), name="heartbeat")
+                await stop.wait()
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        await self.fabric.close()
+        try:
+            await asyncio.wait_for(self.tracker.flush(), 2.0)
+        except (TimeoutError, BalancerError):
+            pass
+        if self._db is not None:
+            await self._db.close()
+        if self._own_store:
+            await self.store.close()
+        log.info(
+            "daemon %s stopped after %.0fs: %d servers watched, %d events, %d reconnects, "
+            "%d snapshots (%d failed), %d registry refreshes (%d failed), %d store errors",
+            self.name,
+            time.monotonic() - self.counters.started_at,
+            len(self.watched),
+            self.tracker.events_total,
+            sum(s.reconnects for s in self.fabric.sessions.values()),
+            self.counters.snapshots,
+            self.counters.snapshot_failures,
+            self.counters.registry_refreshes,
+            self.counters.registry_failures,
+            self.tracker.store_errors,
+        )
+
+    # ------------------------------------------------------------------ loops
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> bool:
+        """Sleep unless stopped first; True when it is time to stop."""
+        try:
+            await asyncio.wait_for(stop.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _registry_loop(self, stop: asyncio.Event) -> None:
+        while True:
+            await self.refresh_registry()
+            self.ready.set()
+            if await self._sleep(stop, self.config.ami.registry_refresh_s):
+                return
+
+    async def refresh_registry(self) -> None:
+        """Re-read the servers table and bring sessions and tracking in step with it."""
+        assert self._db is not None
+        try:
+            cluster = await self._db.run(read_cluster)
+        except BalancerError as exc:
+            self.counters.registry_failures += 1
+            log.error("registry refresh failed, keeping %d servers: %s", len(self.watched), exc)
+            return
+        self.counters.registry_refreshes += 1
+        self.tracker.classifier = Classifier(
+            trunk_names(self.config.carriers, cluster.carriers), cluster.phones
+        )
+        watched = self.registry.watched(cluster.servers)
+        for server_ip in set(self.watched) - set(watched):
+            self.tracker.remove_server(server_ip)
+            try:
+                await self.store.forget_server(server_ip)
+            except BalancerError as exc:
+                log.error("cannot forget server %s in the store: %s", server_ip, exc)
+        for server_ip, server in watched.items():
+            self.tracker.add_server(
+                server_ip,
+                ServerMeta(
+                    server_id=server.server_id,
+                    address=server.endpoint.address,
+                    max_trunks=server.max_trunks,
+                ),
+            )
+            self.tracker.set_updater_age(server_ip, cluster.updater_ages.get(server_ip))
+        self.watched = watched
+        await self.fabric.sync({ip: w.endpoint for ip, w in watched.items()})
+
+    async def _snapshot_loop(self, stop: asyncio.Event) -> None:
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                request = asyncio.ensure_future(self.tracker.next_snapshot_request())
+                stopped = asyncio.ensure_future(stop.wait())
+                done, _ = await asyncio.wait({request, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if request not in done:
+                    request.cancel()
+                    break
+                task = asyncio.create_task(self._snapshot(request.result()))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _snapshot(self, server_ip: str) -> None:
+        try:
+            items = await self.fabric.snapshot(server_ip)
+        except AmiError as exc:
+            self.counters.snapshot_failures += 1
+            self.tracker.cancel_snapshot(server_ip)
+            log.debug("snapshot of %s failed: %s", server_ip, exc)
+            return
+        self.counters.snapshots += 1
+        await self.tracker.apply_snapshot(server_ip, items)
+
+    async def _reconcile_loop(self, stop: asyncio.Event) -> None:
+        while not await self._sleep(stop, self.config.ami.reconcile_interval_s):
+            for server_ip, session in self.fabric.sessions.items():
+                if session.connected:
+                    self.tracker.request_snapshot(server_ip)
+
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        interval = min(self.config.health.heartbeat_interval_s, self.config.redis.state_ttl_s / 3)
+        while True:
+            for server_ip, session in self.fabric.sessions.items():
+                self.tracker.set_reconnects(server_ip, session.reconnects)
+            await self.tracker.publish_meta()
+            try:
+                await self.store.touch_daemon(self.name, self.config.redis.state_ttl_s)
+            except BalancerError as exc:
+                log.error("state store heartbeat failed: %s", exc)
+            if await self._sleep(stop, interval):
+                return
+
+
+def run(config: Config) -> None:
+    """Blocking entry point for `vici-balancer run`: serve until SIGINT/SIGTERM."""
+    import signal
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Daemon(config).serve(stop)
+
+    asyncio.run(main())

@@ -1,0 +1,86 @@
+r"""Every Redis key name the balancer uses, in one place; nothing else formats a key.
+
+Layout under the prefix (``vb:`` by default, so several clusters can share one Redis):
+
+    <p>servers                  set     server_ips the store has heard of
+    <p>server:<ip>:meta         hash    ServerMeta fields as text ("" for None)
+    <p>server:<ip>:channels     hash    uniqueid -> "cls\x1fcarrier\x1fname" (store.redis)
+    <p>server:<ip>:counts       hash    class -> n, "carrier:<id>" -> n (no zero entries)
+    <p>server:<ip>:heartbeat    string  with TTL: the tracker published this server recently
+    <p>drained                  set     operator's drain flags (outlive forget_server)
+    <p>daemons                  set     names of daemons that have sent a heartbeat
+    <p>daemon:<name>            string  with TTL: that daemon is alive
+    <p>leader                   string  with TTL: the leader lock
+"""
+
+from __future__ import annotations
+
+# Field-name prefix of per-carrier counters inside the counts hash (a field, not a key, but the
+# Lua script and the readers must agree on it, so it lives here too).
+CARRIER_FIELD = "carrier:"
+
+
+class Keys:
+    """Key names for one key prefix."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str = "vb:") -> None:
+        self.prefix = prefix
+
+    def __repr__(self) -> str:
+        return f"Keys({self.prefix!r})"
+
+    # ------------------------------------------------------------------ per server
+
+    def servers(self) -> str:
+        """Set of every server_ip the store has heard of."""
+        return f"{self.prefix}servers"
+
+    def meta(self, server_ip: str) -> str:
+        """Hash of the server's ServerMeta fields."""
+        return f"{self.prefix}server:{server_ip}:meta"
+
+    def channels(self, server_ip: str) -> str:
+        """Hash uniqueid -> encoded channel."""
+        return f"{self.prefix}server:{server_ip}:channels"
+
+    def counts(self, server_ip: str) -> str:
+        """Hash class -> count and carrier:<id> -> count, kept in step with the channels hash."""
+        return f"{self.prefix}server:{server_ip}:counts"
+
+    def heartbeat(self, server_ip: str) -> str:
+        """String with a TTL; present while the server's state is fresh."""
+        return f"{self.prefix}server:{server_ip}:heartbeat"
+
+    def server_keys(self, server_ip: str) -> tuple[str, ...]:
+        """Every per-server key (what forget_server deletes); the drain flag is not among them."""
+        return (
+            self.meta(server_ip),
+            self.channels(server_ip),
+            self.counts(server_ip),
+            self.heartbeat(server_ip),
+        )
+
+    # ------------------------------------------------------------------ cluster wide
+
+    def drained(self) -> str:
+        """Set of drained server_ips."""
+        return f"{self.prefix}drained"
+
+    def daemons(self) -> str:
+        """Set of daemon names that have sent a heartbeat (pruned when their key expires)."""
+        return f"{self.prefix}daemons"
+
+    def daemon(self, name: str) -> str:
+        """String with a TTL; present while that daemon is alive."""
+        return f"{self.prefix}daemon:{name}"
+
+    def leader(self) -> str:
+        """String with a TTL holding the current leader's token (the leader lock)."""
+        return f"{self.prefix}leader"
+
+    @staticmethod
+    def carrier_field(carrier: str) -> str:
+        """Field name of a carrier's counter inside the counts hash."""
+        return f"{CARRIER_FIELD}{carrier}"

@@ -1,0 +1,39 @@
+-- The balancer's own tables (prefix vb_), installed beside VICIdial's in the same database.
+-- Only CREATE TABLE IF NOT EXISTS statements belong here (balancer/db/schema.py parses them).
+
+-- Every decision the balancer takes, with its reason: why a call went (or did not go) somewhere.
+CREATE TABLE IF NOT EXISTS vb_decision_log (
+    id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+    decided_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+    cycle_id VARCHAR(40) NOT NULL DEFAULT '',
+    kind VARCHAR(20) NOT NULL COMMENT 'balance, assign_phone, login_flag, failover, drain',
+    campaign_id VARCHAR(20) NOT NULL DEFAULT '',
+    lead_id INT UNSIGNED NULL,
+    server_ip VARCHAR(15) NOT NULL DEFAULT '',
+    carrier_id VARCHAR(15) NOT NULL DEFAULT '',
+    outcome VARCHAR(20) NOT NULL DEFAULT '',
+    reason VARCHAR(255) NOT NULL DEFAULT '',
+    details TEXT NULL,
+    PRIMARY KEY (id),
+    KEY decided_at (decided_at),
+    KEY campaign_decided (campaign_id, decided_at),
+    KEY server_decided (server_ip, decided_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- The servers.active_agent_login_server flags the balancer itself changed, so that it only ever
+-- restores its own changes and never overrides an administrator's 'N'.
+CREATE TABLE IF NOT EXISTS vb_login_flags (
+    server_ip VARCHAR(15) NOT NULL,
+    set_to ENUM('Y','N') NOT NULL,
+    previous ENUM('Y','N') NULL COMMENT 'value before the balancer changed it; NULL if it was NULL',
+    reason VARCHAR(255) NOT NULL DEFAULT '',
+    changed_at DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    PRIMARY KEY (server_ip)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- Which version of these vb_ tables is installed; one row per version applied.
+CREATE TABLE IF NOT EXISTS vb_schema_version (
+    version INT NOT NULL,
+    applied_at DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    PRIMARY KEY (version)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;

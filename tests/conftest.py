@@ -1,0 +1,107 @@
+"""Shared fixtures: real MariaDB and Redis on loopback (never skipped), simulated Asterisk servers.
+
+Services come from scripts/services (run by `make test`). URLs:
+  VB_TEST_DATABASE_URL  default mysql://vbtest:vbtest@127.0.0.1:3306/vb_test
+  VB_TEST_REDIS_URL     default redis://127.0.0.1:6379/15  (this database is flushed between tests)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pymysql
+import pytest
+import redis
+
+from balancer.db.connection import Connection, connect
+from balancer.db.url import DatabaseUrl, parse_database_url
+from balancer.errors import DatabaseError
+from fixtures_sim import *  # noqa: F403  (simulated Asterisk fixtures)
+
+HOW_TO_START = "start MariaDB and Redis with `bash scripts/services` (or run `make test`)"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _test_database_url() -> DatabaseUrl:
+    url = parse_database_url(
+        os.environ.get("VB_TEST_DATABASE_URL", "mysql://vbtest:vbtest@127.0.0.1:3306/vb_test"),
+        "VB_TEST_DATABASE_URL",
+    )
+    assert url.host in LOOPBACK, "tests only ever talk to a loopback database"
+    return url
+
+
+@pytest.fixture(scope="session")
+def database_url() -> DatabaseUrl:
+    """The test database, with the schema installed once per session."""
+    from balancer.db import schema
+
+    url = _test_database_url()
+    try:
+        conn = connect(url)
+    except DatabaseError as exc:
+        pytest.fail(f"MariaDB is not reachable: {exc}; {HOW_TO_START}", pytrace=False)
+    try:
+        schema.install(conn)
+    finally:
+        conn.close()
+    return url
+
+
+def _empty_all_tables(conn: Connection) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SHOW TABLES")
+        tables = [row[0] for row in cur.fetchall()]
+        for table in tables:
+            cur.execute(f"DELETE FROM `{table}`")
+
+
+@pytest.fixture
+def db(database_url: DatabaseUrl) -> Iterator[Connection]:
+    """An autocommit connection to the test database, every table emptied first."""
+    conn = connect(database_url)
+    _empty_all_tables(conn)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = os.environ.get("VB_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    assert client.connection_pool.connection_kwargs.get("host") in LOOPBACK
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as exc:
+        pytest.fail(f"Redis is not reachable at {url}: {exc}; {HOW_TO_START}", pytrace=False)
+    finally:
+        client.close()
+    return url
+
+
+@pytest.fixture
+def redis_db(redis_url: str) -> Iterator[str]:
+    """The test Redis database, flushed before the test; yields its URL."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    yield redis_url
+
+
+def execute(conn: Connection, sql: str, *params: object) -> int:
+    """Run one parameterized statement; returns the affected row count."""
+    with conn.cursor() as cur:
+        return int(cur.execute(sql, params))
+
+
+def fetchall(conn: Connection, sql: str, *params: object) -> list[dict[str, object]]:
+    """Rows as dicts."""
+    with conn.cursor(pymysql.cursors.DictCursor) as cur:
+        cur.execute(sql, params)
+        return list(cur.fetchall())
+
+
+__all__ = ["AsyncIterator", "execute", "fetchall"]
