@@ -18,9 +18,13 @@ class AstGuiClient:
 
     def database_url(self) -> DatabaseUrl:
         """Database credentials from the VARDB_* lines."""
-        missing = [k for k in ("VARDB_server", "VARDB_database", "VARDB_user") if not self.values.get(k)]
+        missing = [
+            k for k in ("VARDB_server", "VARDB_database", "VARDB_user") if not self.values.get(k)
+        ]
         if missing:
-            raise ConfigError(f"{self.path}: {missing[0]} is missing (expected 'VARDB_... => value')")
+            raise ConfigError(
+                f"{self.path}: {missing[0]} is missing (expected 'VARDB_... => value')"
+            )
         port_text = self.values.get("VARDB_port", "3306") or "3306"
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise ConfigError(f"{self.path}: VARDB_port must be a port number, got {port_text!r}")

@@ -234,20 +234,30 @@ def status(app: AppContext, as_json: bool) -> None:
 
 @main.command()
 @database_url_option
-@click.option("--duration", type=click.FloatRange(1, 3600), default=20.0, show_default=True,
-              help="Seconds to run.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(1, 3600),
+    default=20.0,
+    show_default=True,
+    help="Seconds to run.",
+)
 @click.option("--servers", "count", type=click.IntRange(1, 20), default=3, show_default=True)
-@click.option("--refresh", type=click.FloatRange(0.1, 60), default=2.0, show_default=True,
-              help="Seconds between status tables.")
+@click.option(
+    "--refresh",
+    type=click.FloatRange(0.1, 60),
+    default=2.0,
+    show_default=True,
+    help="Seconds between status tables.",
+)
 @click.pass_obj
 @handle_errors
 def demo(
     app: AppContext, database_url: str | None, duration: float, count: int, refresh: float
 ) -> None:
     """Track simulated Asterisk servers with live traffic and show the status table."""
+    from balancer.config import LogConfig
     from balancer.demo import run_demo
     from balancer.logs import setup_logging
-    from balancer.config import LogConfig
 
     url, _ = resolve_database_url(app, database_url or os.environ.get("VB_DEMO_DATABASE_URL"))
     setup_logging(LogConfig(level="WARNING"))

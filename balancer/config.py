@@ -1,4 +1,4 @@
-"""Configuration: one TOML file, environment overrides, astguiclient.conf fallback; one frozen object.
+"""Configuration: a TOML file, environment overrides, astguiclient.conf fallback; one frozen object.
 
 Every setting is defined once, here, with its default. Validation happens at load; any bad value
 raises ConfigError naming the key (``section.key``) and the expected form.
@@ -279,9 +279,7 @@ def _log_level(key: str, value: Any) -> str:
 # --------------------------------------------------------------------------- sections
 
 
-def _database(
-    section: _Section, env: Mapping[str, str], astguiclient_path: Path
-) -> DatabaseConfig:
+def _database(section: _Section, env: Mapping[str, str], astguiclient_path: Path) -> DatabaseConfig:
     timeout = section.get("connect_timeout_s", 5.0, _positive_float)
     conf_path = Path(section.get("astguiclient_conf", str(astguiclient_path), _nonempty))
     file_url = section.optional("url", _string)
@@ -314,7 +312,9 @@ def _ami(section: _Section, env: Mapping[str, str]) -> AmiConfig:
         )
         entry.done()
     config = AmiConfig(
-        address_policy=section.get("address_policy", "server_ip", _choice("server_ip", "telnet_host")),
+        address_policy=section.get(
+            "address_policy", "server_ip", _choice("server_ip", "telnet_host")
+        ),
         events=section.get("events", "call,system", _nonempty),
         use_filters=section.get("use_filters", True, _bool),
         connect_timeout_s=section.get("connect_timeout_s", 3.0, _positive_float),

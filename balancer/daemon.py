@@ -7,10 +7,12 @@ with a stop event. Every task is held in a TaskGroup; nothing is fire-and-forget
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from balancer.ami.fabric import Fabric
@@ -102,10 +104,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         await self.fabric.close()
-        try:
+        with contextlib.suppress(TimeoutError, BalancerError):
             await asyncio.wait_for(self.tracker.flush(), 2.0)
-        except (TimeoutError, BalancerError):
-            pass
         if self._db is not None:
             await self._db.close()
         if self._own_store:
@@ -135,12 +135,26 @@ class Daemon:
             return False
         return True
 
-    async def _registry_loop(self, stop: asyncio.Event) -> None:
+    async def _every(
+        self, stop: asyncio.Event, interval_s: float, work: Callable[[], Awaitable[None]], what: str
+    ) -> None:
+        """Run ``work`` now and every ``interval_s`` until stopped; failures are only logged."""
         while True:
-            await self.refresh_registry()
-            self.ready.set()
-            if await self._sleep(stop, self.config.ami.registry_refresh_s):
+            try:
+                await work()
+            except Exception:
+                log.exception("%s failed (the daemon carries on)", what)
+            if await self._sleep(stop, interval_s):
                 return
+
+    async def _registry_loop(self, stop: asyncio.Event) -> None:
+        async def refresh() -> None:
+            try:
+                await self.refresh_registry()
+            finally:
+                self.ready.set()
+
+        await self._every(stop, self.config.ami.registry_refresh_s, refresh, "registry refresh")
 
     async def refresh_registry(self) -> None:
         """Re-read the servers table and bring sessions and tracking in step with it."""
@@ -181,7 +195,9 @@ class Daemon:
             while not stop.is_set():
                 request = asyncio.ensure_future(self.tracker.next_snapshot_request())
                 stopped = asyncio.ensure_future(stop.wait())
-                done, _ = await asyncio.wait({request, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {request, stopped}, return_when=asyncio.FIRST_COMPLETED
+                )
                 stopped.cancel()
                 if request not in done:
                     request.cancel()
@@ -206,14 +222,16 @@ class Daemon:
         await self.tracker.apply_snapshot(server_ip, items)
 
     async def _reconcile_loop(self, stop: asyncio.Event) -> None:
-        while not await self._sleep(stop, self.config.ami.reconcile_interval_s):
+        async def reconcile() -> None:
             for server_ip, session in self.fabric.sessions.items():
                 if session.connected:
                     self.tracker.request_snapshot(server_ip)
 
+        if not await self._sleep(stop, self.config.ami.reconcile_interval_s):
+            await self._every(stop, self.config.ami.reconcile_interval_s, reconcile, "reconcile")
+
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
-        interval = min(self.config.health.heartbeat_interval_s, self.config.redis.state_ttl_s / 3)
-        while True:
+        async def beat() -> None:
             for server_ip, session in self.fabric.sessions.items():
                 self.tracker.set_reconnects(server_ip, session.reconnects)
             await self.tracker.publish_meta()
@@ -221,8 +239,9 @@ class Daemon:
                 await self.store.touch_daemon(self.name, self.config.redis.state_ttl_s)
             except BalancerError as exc:
                 log.error("state store heartbeat failed: %s", exc)
-            if await self._sleep(stop, interval):
-                return
+
+        interval = min(self.config.health.heartbeat_interval_s, self.config.redis.state_ttl_s / 3)
+        await self._every(stop, interval, beat, "heartbeat")
 
 
 def run(config: Config) -> None:

@@ -9,6 +9,7 @@ At the end the tracked counts are compared with the simulators' own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from balancer.sim.model import SimCarrier
 from balancer.sim.server import SimAsterisk
 from balancer.sim.traffic import run_traffic
 from balancer.status import build_status, render_table
+from balancer.store.base import Health
 
 CARRIERS = (SimCarrier("alpha", "9"), SimCarrier("beta", "8", technology="PJSIP"))
 AGENT_PEERS = ("101", "102", "103", "104", "105", "106")
@@ -97,10 +99,8 @@ async def _keep_updater_fresh(url: DatabaseUrl, stop: asyncio.Event) -> None:
     try:
         while not stop.is_set():
             await asyncio.to_thread(_touch_updater, conn)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except TimeoutError:
-                pass
     finally:
         conn.close()
 
@@ -158,6 +158,7 @@ async def run_demo(
                     )
                 )
             group.create_task(_fault_show(sims[-1], duration_s, traffic_stop))
+            await _wait_until_up(daemon, len(sims), timeout_s=min(5.0, duration_s / 2))
             while (elapsed := time.monotonic() - started) < duration_s:
                 doc = await build_status(daemon.store, "memory:// (in-process)")
                 frame = render_table(doc)
@@ -176,6 +177,16 @@ async def run_demo(
     return ok
 
 
+async def _wait_until_up(daemon: Daemon, count: int, timeout_s: float) -> None:
+    """Give the daemon a moment to log in everywhere, so the first table is not empty."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = await daemon.store.servers()
+        if len([s for s in states if s.meta.health is Health.UP]) >= count:
+            return
+        await asyncio.sleep(0.05)
+
+
 async def _fault_show(sim: SimAsterisk, duration_s: float, stop: asyncio.Event) -> None:
     """Make one server stop answering for a while, so the table shows SUSPECT/DOWN and recovery."""
     try:
@@ -192,7 +203,9 @@ async def _fault_show(sim: SimAsterisk, duration_s: float, stop: asyncio.Event) 
         sim.set_unresponsive(False)
 
 
-async def _final_check(daemon: Daemon, sims: list[SimAsterisk], echo: Callable[[str], None]) -> bool:
+async def _final_check(
+    daemon: Daemon, sims: list[SimAsterisk], echo: Callable[[str], None]
+) -> bool:
     """Wait for the last snapshot to settle, then compare tracked and simulated channels."""
     deadline = time.monotonic() + 10.0
     while True:

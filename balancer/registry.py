@@ -63,7 +63,9 @@ def resolve(row: ServerRow, ami: AmiConfig) -> WatchedServer | RowProblem:
     try:
         max_trunks = int(row.max_vicidial_trunks)
     except (TypeError, ValueError):
-        return RowProblem(name, "max_vicidial_trunks", f"is not a number ({row.max_vicidial_trunks!r})")
+        return RowProblem(
+            name, "max_vicidial_trunks", f"is not a number ({row.max_vicidial_trunks!r})"
+        )
     if override and override.address:
         host, port = override.address.host, override.address.port
     else:
@@ -108,14 +110,12 @@ class Registry:
         return result
 
 
-# Dialplan lines of a carrier name the trunk it dials: Dial(SIP/${EXTEN}@peer) or Dial(SIP/peer/...).
+# A carrier's dialplan names the trunk it dials: Dial(SIP/${EXTEN}@peer) or Dial(SIP/peer/...).
 _DIAL_AT = re.compile(r"(?:SIP|PJSIP|IAX2)/[^@,)\s]*@([A-Za-z0-9_.\-]+)", re.IGNORECASE)
 _DIAL_SLASH = re.compile(r"(?:SIP|PJSIP|IAX2)/([A-Za-z0-9_.\-]+)/", re.IGNORECASE)
 
 
-def trunk_names(
-    carriers: Iterable[CarrierConfig], rows: Iterable[CarrierRow]
-) -> dict[str, str]:
+def trunk_names(carriers: Iterable[CarrierConfig], rows: Iterable[CarrierRow]) -> dict[str, str]:
     """Peer/endpoint name -> carrier id, from config and from vicidial_server_carriers rows.
 
     A carrier's own id always names it; its dialplan entry's Dial() targets add the peer names its

@@ -136,7 +136,10 @@ def render_table(doc: dict[str, Any]) -> str:
         )
     )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
     for problem in doc["problems"]:
         lines.append(f"WARNING: {problem}")

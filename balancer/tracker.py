@@ -68,7 +68,9 @@ class _ServerTrack:
     ami_reason: str = "not connected yet"
     updater_age_s: float | None = None
     pending: list[tuple[str, object]] | None = None
-    snapshot_buffer: list[tuple[str, object]] | None = None  # not None while a snapshot is in flight
+    snapshot_buffer: list[tuple[str, object]] | None = (
+        None  # not None while a snapshot is in flight
+    )
     last_event_at: float | None = None
     events: int = 0
     meta_dirty: bool = True
@@ -105,7 +107,10 @@ class Tracker:
             self.servers[server_ip] = _ServerTrack(meta=meta, pending=[])
         else:
             track.meta = replace(
-                track.meta, server_id=meta.server_id, address=meta.address, max_trunks=meta.max_trunks
+                track.meta,
+                server_id=meta.server_id,
+                address=meta.address,
+                max_trunks=meta.max_trunks,
             )
             track.meta_dirty = True
         self._wake.set()
@@ -306,12 +311,20 @@ class Tracker:
 
     async def run_flusher(self, stop: asyncio.Event) -> None:
         """Flush pending work shortly after it appears, until ``stop`` is set."""
-        while not stop.is_set():
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(self.flush_interval_s)
-            await self.flush()
-        await self.flush()
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                woken = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({woken, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                self._wake.clear()
+                await asyncio.sleep(self.flush_interval_s)
+                try:
+                    await self.flush()
+                except Exception:
+                    log.exception("flush failed (the tracker carries on)")
+        finally:
+            stopping.cancel()
 
     async def publish_meta(self) -> None:
         """Mark every server's meta for republishing (refreshes its heartbeat TTL)."""

@@ -2,6 +2,7 @@
 
 Services come from scripts/services (run by `make test`). URLs:
   VB_TEST_DATABASE_URL  default mysql://vbtest:vbtest@127.0.0.1:3306/vb_test
+                        (each session works in its own database <name>_<pid>, dropped after)
   VB_TEST_REDIS_URL     default redis://127.0.0.1:6379/15  (this database is flushed between tests)
 """
 
@@ -13,11 +14,11 @@ from collections.abc import AsyncIterator, Iterator
 import pymysql
 import pytest
 import redis
+from fixtures_sim import *  # noqa: F403  (simulated Asterisk fixtures)
 
-from balancer.db.connection import Connection, connect
+from balancer.db.connection import Connection, connect, connect_server
 from balancer.db.url import DatabaseUrl, parse_database_url
 from balancer.errors import DatabaseError
-from fixtures_sim import *  # noqa: F403  (simulated Asterisk fixtures)
 
 HOW_TO_START = "start MariaDB and Redis with `bash scripts/services` (or run `make test`)"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -33,20 +34,33 @@ def _test_database_url() -> DatabaseUrl:
 
 
 @pytest.fixture(scope="session")
-def database_url() -> DatabaseUrl:
-    """The test database, with the schema installed once per session."""
+def database_url() -> Iterator[DatabaseUrl]:
+    """A database of this test session's own (VB_TEST_DATABASE_URL's name + pid), schema installed.
+
+    Its own database keeps concurrent runs apart; it is dropped when the session ends.
+    """
     from balancer.db import schema
 
-    url = _test_database_url()
+    base = _test_database_url()
+    url = base.with_database(f"{base.database}_{os.getpid()}")
     try:
-        conn = connect(url)
+        server = connect_server(base)
     except DatabaseError as exc:
         pytest.fail(f"MariaDB is not reachable: {exc}; {HOW_TO_START}", pytrace=False)
     try:
-        schema.install(conn)
+        with server.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{url.database}`")
+            cur.execute(f"CREATE DATABASE `{url.database}`")
+        conn = connect(url)
+        try:
+            schema.install(conn)
+        finally:
+            conn.close()
+        yield url
     finally:
-        conn.close()
-    return url
+        with server.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{url.database}`")
+        server.close()
 
 
 def _empty_all_tables(conn: Connection) -> None:

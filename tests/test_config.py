@@ -57,7 +57,10 @@ def test_example_config_is_valid_and_complete() -> None:
         ({"ami": {"connect_timeout_s": "3"}}, "ami.connect_timeout_s"),
         ({"ami": {"reconnect_max_s": 0.1}}, "ami.reconnect_max_s"),
         ({"ami": {"servers": {"10.0.0.1": {"address": "nohost"}}}}, "ami.servers.10.0.0.1.address"),
-        ({"ami": {"servers": {"10.0.0.1": {"address": "h:99999"}}}}, "ami.servers.10.0.0.1.address"),
+        (
+            {"ami": {"servers": {"10.0.0.1": {"address": "h:99999"}}}},
+            "ami.servers.10.0.0.1.address",
+        ),
         ({"ami": {"servers": {"not-an-ip": {}}}}, "ami.servers.not-an-ip"),
         ({"ami": {"servers": {"10.0.0.1": {"port": 1}}}}, "ami.servers.10.0.0.1.port"),
         ({"ami": {"max_message_bytes": 10}}, "ami.max_message_bytes"),
@@ -132,7 +135,7 @@ def test_env_overrides_file() -> None:
 
 
 def test_bad_env_url_names_the_variable() -> None:
-    with pytest.raises(ConfigError, match="^VICI_BALANCER_REDIS_URL:"):
+    with pytest.raises(ConfigError, match=r"^VICI_BALANCER_REDIS_URL:"):
         build(DB, {"VICI_BALANCER_REDIS_URL": "ftp://x"})
 
 
@@ -177,7 +180,7 @@ def test_astguiclient_missing_key(tmp_path: Path) -> None:
 
 
 def test_no_database_anywhere() -> None:
-    with pytest.raises(ConfigError, match="^database.url: not set"):
+    with pytest.raises(ConfigError, match=r"^database\.url: not set"):
         build({})
 
 

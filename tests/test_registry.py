@@ -101,7 +101,10 @@ def test_inactive_rows_not_watched_and_bad_rows_warned_once(
 def test_trunk_names_from_dialplan_and_config() -> None:
     rows = [
         CarrierRow(
-            "ALPHA", "10.10.0.1", "SIP", "exten => _91NXXNXXXXXX,1,Dial(SIP/${EXTEN:1}@alphatel,,tTo)"
+            "ALPHA",
+            "10.10.0.1",
+            "SIP",
+            "exten => _91NXXNXXXXXX,1,Dial(SIP/${EXTEN:1}@alphatel,,tTo)",
         ),
         CarrierRow("BETA", "", "PJSIP", "exten => _8X.,1,Dial(PJSIP/betatrunk/sip:${EXTEN:1}@x)"),
     ]

@@ -66,7 +66,9 @@ async def test_snapshot_replaces_and_replays_events_seen_during_it() -> None:
     tracker.request_snapshot(IP)
     assert await asyncio.wait_for(tracker.next_snapshot_request(), 1) == IP
     tracker.on_event(IP, new("2.1", "SIP/alpha-00000021"))  # born during the snapshot
-    await tracker.apply_snapshot(IP, [{"Event": "CoreShowChannel", "Uniqueid": "1.5", "Channel": "SIP/alpha-00000015"}])
+    await tracker.apply_snapshot(
+        IP, [{"Event": "CoreShowChannel", "Uniqueid": "1.5", "Channel": "SIP/alpha-00000015"}]
+    )
     await tracker.flush()
     assert set(await store.channels(IP)) == {"1.5", "2.1"}
 

@@ -13,14 +13,6 @@ from dataclasses import replace
 
 import pytest
 import pytest_asyncio
-
-from balancer.daemon import Daemon
-from balancer.db.connection import Connection
-from balancer.db.url import DatabaseUrl
-from balancer.sim.model import SimCarrier
-from balancer.sim.server import SimAsterisk
-from balancer.store import open_store
-from balancer.store.base import ChannelClass, Health, StateStore
 from tracking_helpers import (
     FAST_AMI,
     FAST_HEALTH,
@@ -33,6 +25,14 @@ from tracking_helpers import (
     sim_counts,
     store_matches_sim,
 )
+
+from balancer.daemon import Daemon
+from balancer.db.connection import Connection
+from balancer.db.url import DatabaseUrl
+from balancer.sim.model import SimCarrier
+from balancer.sim.server import SimAsterisk
+from balancer.store import open_store
+from balancer.store.base import ChannelClass, Health, StateStore
 
 CARRIERS = [SimCarrier("alpha", "9"), SimCarrier("beta", "8", technology="PJSIP")]
 
@@ -79,10 +79,13 @@ async def test_counts_exact_after_burst(
     daemon = Daemon(make_config(database_url), store=store)
     async with running(daemon):
         await eventually(lambda: all_up(store, sims))
-        # A burst: trunk calls through both carriers, agent phones, inbound trunk lines, local calls.
+        # A burst: trunk calls on both carriers, agent phones, inbound trunk lines, local calls.
         for n, sim in enumerate(sims):
             results = await asyncio.gather(
-                *(sim.originate(f"9312555{n}{i:03d}", duration_s=0.3 + (i % 5) * 0.2) for i in range(40)),
+                *(
+                    sim.originate(f"9312555{n}{i:03d}", duration_s=0.3 + (i % 5) * 0.2)
+                    for i in range(40)
+                ),
                 *(sim.originate(f"8312555{n}{i:03d}", duration_s=30) for i in range(10)),
                 *(sim.originate(f"7{i:03d}", duration_s=30) for i in range(3)),
             )
@@ -173,7 +176,14 @@ async def test_unresponsive_server_down_within_3s_with_defaults_then_recovers(
     """Default heartbeat settings (1 s, 2 misses): SUSPECT, then DOWN within 3 s; back to UP."""
     seeded(db, sims)
     ami = replace(FAST_AMI, action_timeout_s=1.0, reconnect_initial_s=0.5, reconnect_max_s=1.0)
-    daemon = Daemon(make_config(database_url, redis_url=redis_db, ami=ami, health=replace(FAST_HEALTH, heartbeat_interval_s=1.0)))
+    daemon = Daemon(
+        make_config(
+            database_url,
+            redis_url=redis_db,
+            ami=ami,
+            health=replace(FAST_HEALTH, heartbeat_interval_s=1.0),
+        )
+    )
     async with running(daemon):
         store = daemon.store
         await eventually(lambda: all_up(store, sims))
@@ -195,7 +205,10 @@ async def test_unresponsive_server_down_within_3s_with_defaults_then_recovers(
         started = time.monotonic()
         await eventually(lambda: health_is(store, sim.server_ip, Health.UP), timeout=5)
         # One backoff step (<= reconnect_max_s + jitter) plus a login that may be mid-timeout.
-        assert time.monotonic() - started < ami.reconnect_max_s + ami.reconnect_initial_s + ami.action_timeout_s + 0.5
+        assert (
+            time.monotonic() - started
+            < ami.reconnect_max_s + ami.reconnect_initial_s + ami.action_timeout_s + 0.5
+        )
 
 
 @pytest.mark.parametrize(
@@ -269,7 +282,9 @@ async def test_registry_add_remove_change(
         await eventually(lambda: _logged_in_again(sims[2], before))
         # Removed: deactivated rows are disconnected and forgotten.
         with db.cursor() as cur:
-            cur.execute("UPDATE servers SET active = 'N' WHERE server_ip = %s", (sims[0].server_ip,))
+            cur.execute(
+                "UPDATE servers SET active = 'N' WHERE server_ip = %s", (sims[0].server_ip,)
+            )
 
         async def forgotten() -> bool:
             return await store.server(sims[0].server_ip) is None

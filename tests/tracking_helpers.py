@@ -48,8 +48,9 @@ def seed_server(
     """A servers row for a simulated server: telnet_host/port point at its loopback socket."""
     with conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO servers (server_id, server_ip, active, active_asterisk_server, telnet_host,"
-            " telnet_port, ASTmgrUSERNAME, ASTmgrSECRET, max_vicidial_trunks, asterisk_version)"
+            "INSERT INTO servers (server_id, server_ip, active, active_asterisk_server,"
+            " telnet_host, telnet_port, ASTmgrUSERNAME, ASTmgrSECRET, max_vicidial_trunks,"
+            " asterisk_version)"
             " VALUES (%s, %s, %s, 'Y', %s, %s, 'cron', %s, %s, '18.21.0')",
             (
                 server_id or "ast" + sim.server_ip.rsplit(".", 1)[1],
@@ -113,7 +114,8 @@ async def eventually(
         if await check():
             return time.monotonic() - start
         if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
+            last = MISMATCHES[-1] if MISMATCHES else ""
+            raise AssertionError(f"condition not met within {timeout}s {last}")
         await asyncio.sleep(interval)
 
 
@@ -134,10 +136,17 @@ def sim_counts(sim: SimAsterisk) -> dict[str, int]:
     return counts
 
 
+MISMATCHES: list[str] = []
+
+
 async def store_matches_sim(store: StateStore, sim: SimAsterisk) -> bool:
-    """Same Uniqueids, and class counts equal to the simulator's."""
+    """Same Uniqueids, and class counts equal to the simulator's (the last difference is kept)."""
     channels = await store.channels(sim.server_ip)
     if set(channels) != set(sim.channels):
+        MISMATCHES.append(
+            f"{sim.server_ip}: only tracked {sorted(set(channels) - set(sim.channels))}, "
+            f"only simulated {sorted(set(sim.channels) - set(channels))}"
+        )
         return False
     state = await store.server(sim.server_ip)
     if state is None:

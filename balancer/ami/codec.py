@@ -1,4 +1,4 @@
-"""The AMI wire format: an incremental message reader and an encoder (client and simulator share them).
+"""The AMI wire format: an incremental message reader and an encoder, shared by client and sim.
 
 Messages are ``Key: Value`` lines ending in CRLF; a blank line ends a message. Two quirks shape
 the reader: a key may repeat (Asterisk 22 ``Output:`` lines, ``Variable:``), and Asterisk 1.4-13
@@ -41,7 +41,7 @@ class MessageReader:
         expect_banner: bool = True,
         required_keys: tuple[str, ...] = ("Event", "Response"),
     ) -> None:
-        """Configure the size guard, whether a banner line comes first, and the keys a message needs."""
+        """Set the size guard, whether a banner line comes first, and the keys a message needs."""
         if max_message_bytes < 64:
             raise ValueError(f"max_message_bytes must be at least 64, got {max_message_bytes}")
         self._buf = bytearray()
@@ -70,7 +70,7 @@ class MessageReader:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Message]:
-        """Add received bytes; return the messages they complete (raises AmiProtocolError on garbage)."""
+        """Add received bytes; return the messages they complete (AmiProtocolError on garbage)."""
         if self._failed is not None:
             raise AmiProtocolError(f"AMI reader unusable after an earlier error: {self._failed}")
         buf = self._buf
@@ -154,7 +154,7 @@ class MessageReader:
         return None  # unreachable: _fail raises
 
     def _legacy(self, pos: int, n: int, out: list[Message]) -> int:
-        """Parse a ``Response: Follows`` Command reply at ``pos``; returns the end, or -1 when incomplete."""
+        """Parse a ``Response: Follows`` reply at ``pos``; returns its end, or -1 if incomplete."""
         buf = self._buf
         marker = buf.find(_END_COMMAND, pos)
         term = -1 if marker < 0 else buf.find(_TERMINATOR, marker + len(_END_COMMAND))
@@ -186,7 +186,7 @@ class MessageReader:
 
 
 def encode(headers: Mapping[str, str | Sequence[str]] | Sequence[tuple[str, str]]) -> bytes:
-    """Render one AMI message; a list value repeats the key; CR/LF in a key or value is a ValueError."""
+    """Render one AMI message; a list value repeats the key; CR/LF anywhere is a ValueError."""
     items: Iterable[tuple[str, str | Sequence[str]]]
     items = headers.items() if isinstance(headers, Mapping) else headers
     parts: list[str] = []

@@ -1,4 +1,4 @@
-"""One AMI session per Asterisk server: panoramisk's protocol behind a typed class that fixes its traps.
+"""One AMI session per Asterisk server: panoramisk's protocol behind a typed class fixing its traps.
 
 What panoramisk gives us: the asyncio Protocol (`AMIProtocol`), action encoding with generated
 ActionIDs, and matching of responses and EventList events to the action's future (`Action`).
@@ -8,15 +8,17 @@ What this class adds (see DESIGN.md, "panoramisk: known traps"):
   - pending actions FAIL when the connection drops; nothing is ever re-sent after a reconnect;
   - event listeners are called inside a guard, so a handler's exception cannot kill the session;
   - an awaited heartbeat Ping that notices a peer that stopped answering;
-  - reconnect with exponential backoff and jitter (tenacity), capped, including after a login rejection.
+  - reconnect with exponential backoff and jitter (tenacity), capped, also after a login rejection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from typing import Any, Protocol
 from panoramisk.actions import Action
 from panoramisk.ami_protocol import AMIProtocol
 from panoramisk.message import Message
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from balancer.ami.codec import MessageReader
 from balancer.config import AmiConfig, HealthConfig
@@ -112,7 +114,7 @@ class _Protocol(AMIProtocol):  # type: ignore[misc]
         for message in messages:
             action_id = message.get("ActionID")
             if action_id is not None and action_id in self.responses:
-                # Part of an action's reply (incl. EventList items): panoramisk completes the future.
+                # Part of an action's reply (EventList items too): panoramisk resolves it.
                 self.handle_message(Message(message))
             elif "Event" in message:
                 self.session.dispatch_event(message)
@@ -181,17 +183,13 @@ class AmiSession:
         """Log off politely when connected, close, and cancel any pending reconnect."""
         protocol = self._protocol
         if protocol is not None and not protocol.closed:
-            try:
+            with contextlib.suppress(AmiError, TimeoutError):
                 await asyncio.wait_for(self._send(protocol, {"Action": "Logoff"}), 0.5)
-            except (AmiError, TimeoutError):
-                pass
             protocol.close()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         self._set_health(Health.DOWN, "stopped")
 
@@ -203,11 +201,7 @@ class AmiSession:
         stable_after_s = max(10.0, self.ami.reconnect_max_s)
         while True:
             retrying = AsyncRetrying(
-                wait=wait_exponential_jitter(
-                    initial=self.ami.reconnect_initial_s,
-                    max=self.ami.reconnect_max_s,
-                    jitter=self.ami.reconnect_initial_s,
-                ),
+                wait=self._backoff,
                 retry=retry_if_exception_type((AmiError, OSError, TimeoutError)),
                 before_sleep=self._before_sleep,
             )
@@ -227,6 +221,12 @@ class AmiSession:
                 await asyncio.sleep(self.ami.reconnect_max_s)
             self.reconnects += 1
 
+    def _backoff(self, state: RetryCallState) -> float:
+        """Exponential from reconnect_initial_s, plus jitter, never above reconnect_max_s."""
+        initial, cap = self.ami.reconnect_initial_s, self.ami.reconnect_max_s
+        exponential = wait_exponential(multiplier=initial, max=cap)(state)
+        return float(min(cap, exponential + random.uniform(0, initial)))
+
     def _before_sleep(self, state: RetryCallState) -> None:
         self.reconnects += 1
         delay = state.next_action.sleep if state.next_action else 0.0
@@ -236,7 +236,9 @@ class AmiSession:
         """Connect, log in, serve until the connection ends; returns when it was established."""
         host, port = self.endpoint.host, self.endpoint.port
         if os.environ.get(LOOPBACK_ONLY_ENV) and not is_loopback(host):
-            self.last_error = f"refusing to connect to non-loopback {host} ({LOOPBACK_ONLY_ENV} set)"
+            self.last_error = (
+                f"refusing to connect to non-loopback {host} ({LOOPBACK_ONLY_ENV} set)"
+            )
             raise AmiError(self.last_error)
         loop = asyncio.get_running_loop()
         max_bytes = self.ami.max_message_bytes
@@ -335,13 +337,17 @@ class AmiSession:
         fields = dict(action)
         if fields.get("Action", "").lower() == "originate":
             fields.setdefault("Async", "true")  # trap 2: a missing Async key breaks panoramisk
-        return await protocol.send(Action(fields))
+        # as_list=None lets panoramisk detect EventList replies (its protocol defaults to False,
+        # which would resolve CoreShowChannels with its first message only).
+        return await protocol.send(Action(fields), as_list=None)
 
     async def _request(self, protocol: _Protocol, action: Mapping[str, str]) -> AmiMessage:
         try:
             reply = await asyncio.wait_for(self._send(protocol, action), self.ami.action_timeout_s)
         except TimeoutError:
-            self.last_error = f"{action.get('Action')} timed out after {self.ami.action_timeout_s:g}s"
+            self.last_error = (
+                f"{action.get('Action')} timed out after {self.ami.action_timeout_s:g}s"
+            )
             raise AmiError(self.last_error) from None
         return _as_dict(reply[0] if isinstance(reply, list) else reply)
 

@@ -12,7 +12,7 @@ Connection = pymysql.connections.Connection
 
 
 def connect(url: DatabaseUrl, timeout_s: float = 5.0, autocommit: bool = True) -> Connection:
-    """Open a connection in strict SQL mode (what MariaDB defaults to); errors name the server, never the password."""
+    """Open a connection in strict SQL mode; errors name the server, never the password."""
     try:
         return pymysql.connect(
             host=url.host,
@@ -48,4 +48,6 @@ def connect_server(url: DatabaseUrl, timeout_s: float = 5.0) -> Connection:
         )
     except pymysql.err.OperationalError as exc:
         code = exc.args[0] if exc.args else "?"
-        raise DatabaseError(f"database server {url.host}:{url.port}: cannot connect ({code})") from None
+        raise DatabaseError(
+            f"database server {url.host}:{url.port}: cannot connect ({code})"
+        ) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,10 +39,8 @@ class DbWorker:
 
     def _drop(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(pymysql.err.Error):
                 self._conn.close()
-            except pymysql.err.Error:
-                pass
             self._conn = None
 
     def _call(self, fn: Callable[[Connection], T], idempotent: bool) -> T:

@@ -1,4 +1,4 @@
-"""A simulated Asterisk (AMI over loopback TCP) and VICIdial's command sender, for tests and the demo."""
+"""A simulated Asterisk (AMI on loopback TCP) and VICIdial's command sender, for tests and demo."""
 
 from balancer.sim.cluster import SimCluster, serve_cluster
 from balancer.sim.model import SimCarrier, SimChannel

@@ -1,8 +1,9 @@
-"""The simulated Asterisk core: channels, calls through carriers, hangups, and the events they emit."""
+"""The simulated Asterisk core: channels, calls through carriers, hangups and their events."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,7 +32,9 @@ class OriginateOutcome:
 
     ok: bool
     uniqueid: str | None
-    channel: str  # the ;1 leg when answered; the requested channel, as Asterisk reports it, when not
+    channel: (
+        str  # the ;1 leg when answered; the requested channel, as Asterisk reports it, when not
+    )
     cause: int
     cid_num: str
     cid_name: str
@@ -53,7 +56,8 @@ class CallEngine:
         tasks: TaskSet,
     ) -> None:
         """Set up an idle server; ``tasks`` holds the call timers."""
-        self.carriers: dict[str, SimCarrier] = {c.name: c for c in carriers}
+        # copies: a carrier list shared by several servers must not share their faults
+        self.carriers: dict[str, SimCarrier] = {c.name: dataclasses.replace(c) for c in carriers}
         self.max_lines = max_lines
         self.full_cause = full_cause
         self.call_duration_s = call_duration_s
@@ -67,6 +71,7 @@ class CallEngine:
         self._calls: dict[str, list[str]] = {}  # linkedid -> uniqueids, in creation order
         self._timers: dict[str, asyncio.Task[None]] = {}  # linkedid -> end-of-call timer
         self._ringing: dict[str, int | None] = {}  # linkedid -> cause, if hung up while ringing
+        self._trunks: dict[str, int] = {}  # carrier -> live trunk channels
         self._uid_seq = 0
         self._local_seq = 0
         self._tech_seq = 0
@@ -78,11 +83,9 @@ class CallEngine:
 
     def trunk_lines_in_use(self, carrier: str | None = None) -> int:
         """Trunk channels alive now, for one carrier or all."""
-        return sum(
-            1
-            for ch in self.channels.values()
-            if ch.kind == "trunk" and (carrier is None or ch.carrier == carrier)
-        )
+        if carrier is None:
+            return sum(self._trunks.values())
+        return self._trunks.get(carrier, 0)
 
     def carrier_for(self, dial: str) -> SimCarrier | None:
         """The carrier whose dial prefix is the longest one starting ``dial``."""
@@ -102,18 +105,22 @@ class CallEngine:
         return None
 
     # ------------------------------------------------------------------ building blocks
-    def _uniqueid(self) -> str:
+    def next_uniqueid(self) -> str:
+        """The next ``<start_epoch>.<seq>`` Uniqueid (per-server: collides across servers)."""
         uid = f"{self.start_epoch}.{self._uid_seq}"
         self._uid_seq += 1
         return uid
 
-    def _tech_name(self, technology: str, peer: str) -> str:
+    def tech_name(self, technology: str, peer: str) -> str:
+        """The next ``<tech>/<peer>-xxxxxxxx`` channel name."""
         name = f"{technology}/{peer}-{self._tech_seq:08x}"
         self._tech_seq += 1
         return name
 
     def _add(self, ch: SimChannel) -> SimChannel:
         self.channels[ch.uniqueid] = ch
+        if ch.kind == "trunk" and ch.carrier is not None:
+            self._trunks[ch.carrier] = self._trunks.get(ch.carrier, 0) + 1
         self._calls.setdefault(ch.linkedid, []).append(ch.uniqueid)
         self._emit("Newchannel", "call", ch.headers())
         return ch
@@ -127,7 +134,9 @@ class CallEngine:
         ch.connected_num, ch.connected_name = num, name
         self._emit("NewCallerid", "call", [*ch.headers(), _CID_PRES])
 
-    def _dial(self, event: str, caller: SimChannel | None, dest: SimChannel, extra: Headers) -> None:
+    def _dial(
+        self, event: str, caller: SimChannel | None, dest: SimChannel, extra: Headers
+    ) -> None:
         # An originated dial has no caller: DialBegin/DialEnd then carry only Dest* fields.
         headers = caller.headers() if caller is not None else []
         self._emit(event, "call", [*headers, *dest.headers("Dest"), *extra])
@@ -172,14 +181,21 @@ class CallEngine:
         base = f"Local/{dial}@{chan_ctx}-{self._local_seq:08x}"
         self._local_seq += 1
         self.calls_processed += 1
-        u1 = self._uniqueid()
+        u1 = self.next_uniqueid()
         one = self._add(SimChannel(base + ";1", u1, u1, 0, chan_ctx, dial, kind="local"))
-        two = self._add(SimChannel(base + ";2", self._uniqueid(), u1, 4, chan_ctx, dial, kind="local"))
+        two = self._add(
+            SimChannel(base + ";2", self.next_uniqueid(), u1, 4, chan_ctx, dial, kind="local")
+        )
         one.application, one.app_data = "AppDial2", "(Outgoing Line)"
         self._emit(
             "Newexten",
             "dialplan",
-            [*one.headers(), ("Extension", dial), ("Application", "AppDial2"), ("AppData", "(Outgoing Line)")],
+            [
+                *one.headers(),
+                ("Extension", dial),
+                ("Application", "AppDial2"),
+                ("AppData", "(Outgoing Line)"),
+            ],
         )
         for var, value in variables.items():
             self._emit("VarSet", "dialplan", [*one.headers(), ("Variable", var), ("Value", value)])
@@ -204,8 +220,8 @@ class CallEngine:
             cause = self._dial_failure(carrier)
             number = dial[len(carrier.dial_prefix) :]
             trunk = SimChannel(
-                self._tech_name(carrier.technology, carrier.name),
-                self._uniqueid(),
+                self.tech_name(carrier.technology, carrier.name),
+                self.next_uniqueid(),
                 u1,
                 0,
                 chan_ctx,
@@ -244,12 +260,21 @@ class CallEngine:
         if trunk is not None:
             self._dial("DialEnd", two, trunk, [("DialStatus", "ANSWER")])
         self._dial("DialEnd", None, one, [("DialStatus", "ANSWER")])
-        one.context, one.exten, one.priority = context, exten, int(priority) if priority.isdigit() else 1
+        one.context, one.exten, one.priority = (
+            context,
+            exten,
+            int(priority) if priority.isdigit() else 1,
+        )
         one.application, one.app_data = "Wait", f"{duration:g}"
         self._emit(
             "Newexten",
             "dialplan",
-            [*one.headers(), ("Extension", exten), ("Application", "Wait"), ("AppData", one.app_data)],
+            [
+                *one.headers(),
+                ("Extension", exten),
+                ("Application", "Wait"),
+                ("AppData", one.app_data),
+            ],
         )
         self._start_timer(u1, duration)
         return OriginateOutcome(True, u1, one.name, NORMAL_CLEARING, cid_num, cid_name)
@@ -277,9 +302,9 @@ class CallEngine:
         app_data: str = "",
     ) -> str:
         """A standalone answered channel (agent phone, inbound trunk call); returns its uniqueid."""
-        uid = self._uniqueid()
+        uid = self.next_uniqueid()
         ch = SimChannel(
-            self._tech_name(technology, peer),
+            self.tech_name(technology, peer),
             uid,
             uid,
             4,
@@ -310,6 +335,9 @@ class CallEngine:
         if linkedid in self._ringing:
             self._ringing[linkedid] = cause
         chans = [ch for uid in uids if (ch := self.channels.pop(uid, None)) is not None]
+        for ch in chans:
+            if ch.kind == "trunk" and ch.carrier is not None:
+                self._trunks[ch.carrier] -= 1
         if first is not None:
             chans.sort(key=lambda ch: ch.uniqueid != first)
         elif len(chans) > 1:
@@ -321,7 +349,9 @@ class CallEngine:
         for ch in chans[1:]:
             self._emit("HangupRequest", "call", [*ch.headers(), *cause_headers])
         for ch in chans:
-            self._emit("Hangup", "call", [*ch.headers(), *cause_headers, ("Cause-txt", cause_text(cause))])
+            self._emit(
+                "Hangup", "call", [*ch.headers(), *cause_headers, ("Cause-txt", cause_text(cause))]
+            )
         return True
 
     def hangup(self, uniqueid: str, cause: int = NORMAL_CLEARING) -> bool:
@@ -342,4 +372,5 @@ class CallEngine:
                 timer.cancel()
         self._timers.clear()
         self._calls.clear()
+        self._trunks.clear()
         self.channels.clear()

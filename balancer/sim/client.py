@@ -16,7 +16,7 @@ _OFF = frozenset({"off", "no", "false", "none", "0", ""})
 
 
 def parse_event_mask(text: str) -> frozenset[str]:
-    """The event classes an ``Events:`` / ``EventMask:`` value turns on (``on``, ``off``, ``call,system``)."""
+    """The event classes an ``Events:`` value turns on (``on``, ``off``, ``call,system``)."""
     value = text.strip().lower()
     if value in _ON:
         return ALL_CLASSES
@@ -27,7 +27,7 @@ def parse_event_mask(text: str) -> frozenset[str]:
 
 
 class OutEvent:
-    """A rendered event on its way to clients; its text is decoded once, only if a filter needs it."""
+    """A rendered event on its way to clients; decoded once, and only if a filter needs it."""
 
     __slots__ = ("_text", "cls", "data")
 
@@ -71,6 +71,8 @@ class SimClient:
         self.whitelist: list[re.Pattern[str]] = []
         self.blacklist: list[re.Pattern[str]] = []
         self.closing = False
+        self.draining = False  # closing after the queued bytes are written
+        self.stalled = False  # stuck mid-message: nothing more is ever written
         self.task: asyncio.Task[None] | None = None
         self.writer_task: asyncio.Task[None] | None = None
         self._write_delay = write_delay
@@ -90,7 +92,7 @@ class SimClient:
         return not any(p.search(text) for p in self.blacklist)
 
     def add_filter(self, expression: str) -> None:
-        """Add a whitelist filter, or a blacklist one when it starts with ``!`` (re.error if invalid)."""
+        """Add a whitelist filter, or a blacklist one if it starts with ``!`` (re.error if bad)."""
         if expression.startswith("!"):
             self.blacklist.append(re.compile(expression[1:]))
         else:
@@ -98,13 +100,13 @@ class SimClient:
 
     def send(self, data: bytes) -> None:
         """Queue bytes for the writer (never blocks the caller)."""
-        if not self.closing:
+        if not self.closing and not self.stalled:
             self._queue.put_nowait(data)
 
     def close_soon(self) -> None:
         """Close the connection once everything queued so far is written."""
         if not self.closing:
-            self.closing = True
+            self.closing = self.draining = True
             self._queue.put_nowait(_CLOSE)
 
     async def flush(self) -> None:
@@ -117,7 +119,7 @@ class SimClient:
         marker.cancel()
 
     async def write_loop(self) -> None:
-        """Write queued bytes in batches, after the injected delay; ends when the connection does."""
+        """Write queued bytes in batches after the injected delay; ends with the connection."""
         waiters: list[asyncio.Future[None]] = []
         try:
             while True:
@@ -151,8 +153,11 @@ class SimClient:
         self.writer.transport.abort()
 
     async def close(self) -> None:
-        """Stop the writer and close the socket; waits briefly for the close to complete."""
+        """Stop the writer (after it drained, if asked to) and close the socket."""
         self.closing = True
+        writer_task = self.writer_task
+        if self.draining and writer_task is not None and not writer_task.done():
+            await asyncio.wait({writer_task}, timeout=2.0)
         if self.writer_task is not None and self.writer_task is not asyncio.current_task():
             self.writer_task.cancel()
         self.writer.close()

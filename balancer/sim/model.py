@@ -1,4 +1,4 @@
-"""What the simulated Asterisk holds (carriers, channels) and the wire shapes of its channel headers."""
+"""What the simulated Asterisk holds (carriers, channels) and the wire shape of channel headers."""
 
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ def cause_text(cause: int) -> str:
 
 def dial_status(cause: int) -> str:
     """The DialEnd DialStatus Asterisk reports for a failed dial with this cause."""
-    return {17: "BUSY", 19: "NOANSWER", 34: "CONGESTION", 42: "CONGESTION"}.get(cause, "CHANUNAVAIL")
+    return {17: "BUSY", 19: "NOANSWER", 34: "CONGESTION", 42: "CONGESTION"}.get(
+        cause, "CHANUNAVAIL"
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -69,7 +71,9 @@ class SimCarrier:
     technology: str = "SIP"  # or "PJSIP"
     fail_cause: int | None = None  # every call through it fails with this cause
     registered: bool = True
-    reachable: bool = True  # False: calls fail CHANUNAVAIL (cause 20) unless fail_cause says otherwise
+    reachable: bool = (
+        True  # False: calls fail CHANUNAVAIL (cause 20) unless fail_cause says otherwise
+    )
 
 
 @dataclass
@@ -161,6 +165,12 @@ class TaskSet:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("simulator task %s failed", task.get_name(), exc_info=exc)
+
+    async def wait(self) -> None:
+        """Wait until every task held now (and any they spawn) has ended."""
+        current = asyncio.current_task()
+        while tasks := [t for t in self._tasks if t is not current and not t.done()]:
+            await asyncio.wait(tasks)
 
     async def cancel_all(self) -> None:
         """Cancel every held task (including ones spawned while cancelling) and wait for them."""

@@ -1,0 +1,152 @@
+"""`vici-balancer status` reads the shared store: table, stable JSON, and stale/missing state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from balancer.cli import main
+from balancer.status import build_status, render_table
+from balancer.store.base import Channel, ChannelClass, Health, ServerMeta
+from balancer.store.memory import MemoryStore
+from balancer.store.redis import RedisStore
+
+PREFIX = "vbstatus:"
+
+
+def write_config(tmp_path: Path, redis_url: str) -> Path:
+    path = tmp_path / "vb.toml"
+    path.write_text(
+        f'[database]\nurl = "mysql://u:dbpass@127.0.0.1:3306/vb_test"\n'
+        f'[redis]\nurl = "{redis_url}"\nkey_prefix = "{PREFIX}"\n'
+    )
+    return path
+
+
+async def populate(redis_url: str, with_daemon: bool = True) -> None:
+    store = RedisStore(redis_url, PREFIX, state_ttl_s=30)
+    try:
+        await store.set_meta(
+            "10.10.0.1",
+            ServerMeta(
+                server_id="ast1",
+                address="127.0.0.1:15038",
+                health=Health.UP,
+                rtt_ms=0.8,
+                max_trunks=23,
+                last_event_at=time.time() - 2,
+            ),
+        )
+        await store.apply(
+            "10.10.0.1",
+            [
+                Channel("1.1", "SIP/alpha-00000001", ChannelClass.TRUNK, "alpha"),
+                Channel("1.2", "SIP/beta-00000002", ChannelClass.TRUNK, "beta"),
+                Channel("1.3", "SIP/101-00000003", ChannelClass.AGENT),
+                Channel("1.4", "Local/8368@default-00000000;1", ChannelClass.LOCAL),
+            ],
+            [],
+        )
+        await store.set_meta(
+            "10.10.0.2",
+            ServerMeta(
+                server_id="ast2", address="127.0.0.1:15039", health=Health.DOWN, max_trunks=10
+            ),
+        )
+        await store.set_drained("10.10.0.2", True)
+        if with_daemon:
+            await store.touch_daemon("test-daemon", 30)
+    finally:
+        await store.close()
+
+
+def test_status_json_document(tmp_path: Path, redis_db: str) -> None:
+    asyncio.run(populate(redis_db))
+    result = CliRunner().invoke(
+        main, ["--config", str(write_config(tmp_path, redis_db)), "status", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["version"] == 1
+    assert doc["daemons"] == ["test-daemon"]
+    assert doc["stale"] is False
+    first, second = doc["servers"]
+    assert first["server_ip"] == "10.10.0.1"
+    assert (first["trunk_lines"], first["agent_phones"], first["local"], first["total"]) == (
+        2,
+        1,
+        1,
+        4,
+    )
+    assert first["carriers"] == {"alpha": 1, "beta": 1}
+    assert first["health"] == "up" and first["rtt_ms"] == 0.8
+    assert 1.5 <= first["last_event_age_s"] <= 10
+    assert second["health"] == "drained" and second["tracked_health"] == "down"
+    assert doc["totals"]["trunk_lines"] == 2 and doc["totals"]["max_trunks"] == 33
+    assert doc["totals"]["up"] == 1 and doc["totals"]["servers"] == 2
+    assert "dbpass" not in result.output
+
+
+def test_status_table(tmp_path: Path, redis_db: str) -> None:
+    asyncio.run(populate(redis_db))
+    result = CliRunner().invoke(main, ["--config", str(write_config(tmp_path, redis_db)), "status"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:3] == ["SERVER", "SERVER_IP", "HEALTH"]
+    row = next(line for line in lines if line.startswith("ast1"))
+    assert "UP" in row and "127.0.0.1:15038" in row and "2/23" in row and "alpha=1 beta=1" in row
+    assert "DRAINED" in next(line for line in lines if line.startswith("ast2"))
+    assert lines[-1].startswith("TOTAL") and "1/2 up" in lines[-1]
+
+
+def test_status_without_daemon_is_stale(tmp_path: Path, redis_db: str) -> None:
+    asyncio.run(populate(redis_db, with_daemon=False))
+    result = CliRunner().invoke(main, ["--config", str(write_config(tmp_path, redis_db)), "status"])
+    assert result.exit_code == 1
+    assert "WARNING: no daemon is tracking" in result.output
+
+
+def test_status_empty_store(tmp_path: Path, redis_db: str) -> None:
+    result = CliRunner().invoke(
+        main, ["--config", str(write_config(tmp_path, redis_db)), "status", "--json"]
+    )
+    assert result.exit_code == 1
+    doc = json.loads(result.output)
+    assert doc["servers"] == [] and "the store knows no servers" in doc["problems"]
+
+
+def test_status_memory_store_explains(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["--config", str(write_config(tmp_path, "memory://")), "status"]
+    )
+    assert result.exit_code == 1
+    assert "memory://" in result.output and "redis.url" in result.output
+
+
+def test_status_redis_unreachable(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = CliRunner().invoke(
+        main,
+        ["--config", str(write_config(tmp_path, f"redis://:pw123@127.0.0.1:{port}/0")), "status"],
+    )
+    assert result.exit_code == 1
+    assert "unreachable" in result.output and "pw123" not in result.output
+
+
+async def test_stale_server_state_flagged() -> None:
+    store = MemoryStore(state_ttl_s=0.05)
+    await store.set_meta("10.10.0.1", ServerMeta(health=Health.UP))
+    await store.touch_daemon("d", 10)
+    await asyncio.sleep(0.1)
+    doc = await build_status(store, "memory://")
+    assert doc["servers"][0]["health"] == "stale"
+    assert doc["stale"] and "stale state for 10.10.0.1" in doc["problems"]
+    assert "WARNING: stale state" in render_table(doc)
