@@ -94,6 +94,8 @@ class Tracker:
         self.clock = clock
         self.servers: dict[str, _ServerTrack] = {}
         self._wake = asyncio.Event()
+        # One flush at a time: two interleaved flushes could write a server's batches out of order.
+        self._flush_lock = asyncio.Lock()
         self._snapshot_requests: asyncio.Queue[str] = asyncio.Queue()
         self.store_errors = 0
         self.events_total = 0
@@ -246,7 +248,11 @@ class Tracker:
         return await self._snapshot_requests.get()
 
     async def flush(self) -> None:
-        """Write every pending operation and dirty meta to the store."""
+        """Write every pending operation and dirty meta to the store (after any flush in flight)."""
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         for server_ip, track in list(self.servers.items()):
             ops = track.pending
             if ops:
