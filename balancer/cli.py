@@ -264,3 +264,7 @@ def demo(
     ok = asyncio.run(run_demo(url, duration, count, refresh, echo=click.echo))
     if not ok:
         sys.exit(EXIT_FAILURE)
+
+
+if __name__ == "__main__":
+    main()

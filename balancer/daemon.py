@@ -62,7 +62,8 @@ class Counters:
 
 def event_filters() -> tuple[str, ...]:
     """AMI Filter whitelist: only the events the tracker uses cross the wire (Asterisk 13+)."""
-    return (f"Event: ({'|'.join(TRACKED_EVENTS)})",)
+    # \s ends the name, so "Hangup" does not also let "HangupRequest" through.
+    return (f"Event: ({'|'.join(TRACKED_EVENTS)})\\s",)
 
 
 class Daemon:

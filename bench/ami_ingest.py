@@ -29,11 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from balancer.ami.session import AmiEndpoint, AmiSession  # noqa: E402
-from balancer.config import AmiConfig, HealthConfig  # noqa: E402
-from balancer.store.base import Channel, ServerMeta  # noqa: E402
-from balancer.store.redis import RedisStore  # noqa: E402
-from balancer.tracker import Classifier, Tracker  # noqa: E402
+from balancer.ami.session import AmiEndpoint, AmiSession
+from balancer.config import AmiConfig, HealthConfig
+from balancer.store.base import Channel, ServerMeta
+from balancer.store.redis import RedisStore
+from balancer.tracker import Classifier, Tracker
 
 SAMPLE_EVERY = 50
 LIVE_PER_SERVER = 150  # channels left alive at the end of each server's blast
@@ -189,7 +189,11 @@ class TimedTracker(Tracker):
 
 
 async def ingest(
-    ports: list[int], events: int, redis_url: str, unbatched: bool, go: callable  # type: ignore[valid-type]
+    ports: list[int],
+    events: int,
+    redis_url: str,
+    unbatched: bool,
+    go: callable,  # type: ignore[valid-type]
 ) -> dict[str, object]:
     prefix = f"vbbench{os.getpid()}{'u' if unbatched else 'b'}:"
     store = TimedStore(redis_url, prefix, 60.0, unbatched=unbatched)
@@ -287,7 +291,9 @@ def main() -> None:
     base = run_once(args.servers, args.baseline_events, redis_url, unbatched=True)
     common = {"bench": "ami_ingest", "servers": args.servers}
     print(json.dumps({**common, "figure": "ours, saturated (throughput)", **ours}))
-    print(json.dumps({**common, "figure": f"ours, offered {args.rate:g} events/s (latency)", **paced}))
+    print(
+        json.dumps({**common, "figure": f"ours, offered {args.rate:g} events/s (latency)", **paced})
+    )
     print(json.dumps({**common, "figure": "baseline: unbatched, one Redis call per event", **base}))
     ratio = (ours["events_per_s"] or 0) / (base["events_per_s"] or 1)  # type: ignore[operator]
     print(

@@ -20,6 +20,9 @@ from balancer.db.connection import Connection, connect, connect_server
 from balancer.db.url import DatabaseUrl, parse_database_url
 from balancer.errors import DatabaseError
 
+# Code under test must never dial anything but loopback (see balancer/ami/session.py).
+os.environ["VICI_BALANCER_LOOPBACK_ONLY"] = "1"
+
 HOW_TO_START = "start MariaDB and Redis with `bash scripts/services` (or run `make test`)"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
