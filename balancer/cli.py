@@ -229,6 +229,34 @@ def status(app: AppContext, as_json: bool) -> None:
         sys.exit(EXIT_FAILURE)
 
 
+# --------------------------------------------------------------------------- rebalance
+
+
+@main.command()
+@click.option("--once", is_flag=True, required=True, help="Run exactly one cycle (for cron).")
+@click.option("--dry-run", is_flag=True, help="Plan and print; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the cycle as JSON.")
+@click.pass_obj
+@handle_errors
+def rebalance(app: AppContext, once: bool, dry_run: bool, as_json: bool) -> None:
+    """Run one balance cycle of the daemon's own code and print its plan."""
+    import json
+
+    from balancer.daemon import rebalance_once
+    from balancer.logs import setup_logging
+    from balancer.report import cycle_document, render_cycle
+
+    config = app.config()
+    setup_logging(config.log)
+    result = asyncio.run(rebalance_once(config, dry_run=dry_run))
+    if as_json:
+        click.echo(json.dumps(cycle_document(result), indent=2, sort_keys=True))
+    else:
+        click.echo(render_cycle(result))
+    if result.report is not None and result.report.errors:
+        sys.exit(EXIT_FAILURE)
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -265,6 +293,11 @@ def demo(
     if not ok:
         sys.exit(EXIT_FAILURE)
 
+
+# assign-phone, drain, undrain live in their own module (one concern each).
+from balancer.cli_agents import register as _register_agent_commands  # noqa: E402
+
+_register_agent_commands(main)
 
 if __name__ == "__main__":
     main()

@@ -90,6 +90,7 @@ class HealthConfig:
 
 @dataclass(frozen=True)
 class BalanceConfig:
+    enabled: bool = True  # false: the daemon only tracks
     mode: str = "live"  # or "faithful"
     cycle_interval_s: float = 2.5
     staggered: bool = False
@@ -347,6 +348,7 @@ def _health(section: _Section) -> HealthConfig:
 
 def _balance(section: _Section) -> BalanceConfig:
     config = BalanceConfig(
+        enabled=section.get("enabled", True, _bool),
         mode=section.get("mode", "live", _choice("live", "faithful")),
         cycle_interval_s=section.get("cycle_interval_s", 2.5, _positive_float),
         staggered=section.get("staggered", False, _bool),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -17,13 +18,18 @@ from dataclasses import dataclass, field
 
 from balancer.ami.fabric import Fabric
 from balancer.config import Config
+from balancer.cycle import BalanceCycle, CycleResult
 from balancer.db import queries
 from balancer.db.connection import Connection
 from balancer.db.worker import DbWorker
 from balancer.errors import AmiError, BalancerError
+from balancer.leader import Leadership
+from balancer.login_flags import LoginFlagKeeper
 from balancer.registry import Registry, WatchedServer, trunk_names
 from balancer.store import open_store
 from balancer.store.base import ServerMeta, StateStore
+from balancer.store.keys import BALANCE_SUMMARY
+from balancer.store.memory import MemoryStore
 from balancer.tracker import TRACKED_EVENTS, Classifier, Tracker
 
 log = logging.getLogger(__name__)
@@ -80,12 +86,25 @@ class Daemon:
         self.counters = Counters()
         self.watched: dict[str, WatchedServer] = {}
         self.ready = asyncio.Event()  # set after the first registry refresh
+        self.leadership = Leadership(self.store, self.name, config.balance.lock_ttl_s)
+        self.cycle: BalanceCycle | None = None
+        self.last_cycle: CycleResult | None = None
         self._db: DbWorker | None = None
+        self._balance_db: DbWorker | None = None
 
-    async def serve(self, stop: asyncio.Event | None = None) -> None:
-        """Run until ``stop`` is set (or the task is cancelled), then shut down in order."""
+    async def serve(self, stop: asyncio.Event | None = None, balance: bool | None = None) -> None:
+        """Run until ``stop`` is set (or the task is cancelled), then shut down in order.
+
+        ``balance`` (default: the config's balance.enabled) adds leader election and the cycle.
+        """
         stop = stop or asyncio.Event()
-        self._db = DbWorker(self.config.database.url, self.config.database.connect_timeout_s)
+        balance = self.config.balance.enabled if balance is None else balance
+        db_url, timeout = self.config.database.url, self.config.database.connect_timeout_s
+        self._db = DbWorker(db_url, timeout)
+        # The cycle's writes get their own connection and thread: a slow cycle never delays
+        # the registry refresh, and shutdown can wait for exactly the write in flight.
+        self._balance_db = DbWorker(db_url, timeout)
+        self.cycle = BalanceCycle(self.config, self.store, self._balance_db, self.leadership.check)
         log.info(
             "daemon %s starting: database %s, state %s",
             self.name,
@@ -99,11 +118,29 @@ class Daemon:
                 group.create_task(self._snapshot_loop(stop), name="snapshots")
                 group.create_task(self._reconcile_loop(stop), name="reconcile")
                 group.create_task(self._heartbeat_loop(stop), name="heartbeat")
+                if balance:
+                    group.create_task(self._balance_loop(stop), name="balance")
+                    group.create_task(self.leadership.run(stop), name="leader")
+                # Only the leader writes login flags when balancing; a tracking-only daemon
+                # (manage_login_flags on) keeps them itself. Its last pass runs at shutdown.
+                keeper = LoginFlagKeeper(
+                    self.config,
+                    self.store,
+                    self._db,
+                    is_leader=(lambda: self.leadership.leading) if balance else None,
+                )
+                group.create_task(keeper.run(stop), name="login-flags")
                 await stop.wait()
         finally:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
+        # Order: deciding stopped with the balance task (the TaskGroup above); the transaction
+        # in flight finishes on its worker thread; the lease was released by the leader task;
+        # then AMI sessions close and the rest is flushed.
+        if self._balance_db is not None:
+            await self._balance_db.close()
+        await self.leadership.release()
         await self.fabric.close()
         with contextlib.suppress(TimeoutError, BalancerError):
             await asyncio.wait_for(self.tracker.flush(), 2.0)
@@ -113,7 +150,8 @@ class Daemon:
             await self.store.close()
         log.info(
             "daemon %s stopped after %.0fs: %d servers watched, %d events, %d reconnects, "
-            "%d snapshots (%d failed), %d registry refreshes (%d failed), %d store errors",
+            "%d snapshots (%d failed), %d registry refreshes (%d failed), %d store errors, "
+            "%d balance cycles, %d calls placed, %d leadership changes",
             self.name,
             time.monotonic() - self.counters.started_at,
             len(self.watched),
@@ -124,6 +162,9 @@ class Daemon:
             self.counters.registry_refreshes,
             self.counters.registry_failures,
             self.tracker.store_errors,
+            self.cycle.cycles if self.cycle else 0,
+            self.cycle.calls_placed if self.cycle else 0,
+            self.leadership.changes,
         )
 
     # ------------------------------------------------------------------ loops
@@ -190,6 +231,21 @@ class Daemon:
         self.watched = watched
         await self.fabric.sync({ip: w.endpoint for ip, w in watched.items()})
 
+    async def settled(self, timeout_s: float) -> None:
+        """Wait (at most timeout_s) until every watched server was snapshotted or failed once."""
+        deadline = time.monotonic() + timeout_s
+        await asyncio.wait_for(self.ready.wait(), timeout_s)
+        while time.monotonic() < deadline:
+            pending = [
+                ip
+                for ip, session in self.fabric.sessions.items()
+                if ip not in self.tracker.snapshotted and session.reconnects == 0
+            ]
+            if not pending:
+                break
+            await asyncio.sleep(0.02)
+        await self.tracker.flush()
+
     async def _snapshot_loop(self, stop: asyncio.Event) -> None:
         pending: set[asyncio.Task[None]] = set()
         try:
@@ -222,6 +278,37 @@ class Daemon:
         self.counters.snapshots += 1
         await self.tracker.apply_snapshot(server_ip, items)
 
+    async def _balance_loop(self, stop: asyncio.Event) -> None:
+        """Run a cycle every cycle_interval_s while leading; a stop cancels the cycle between
+        calls (the call transaction in flight still completes on its worker thread)."""
+        assert self.cycle is not None
+        cycle = self.cycle
+        while not stop.is_set():
+            if self.leadership.leading:
+                work = asyncio.create_task(cycle.run(), name="balance-cycle")
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not work.done():
+                    work.cancel()
+                    await asyncio.gather(work, return_exceptions=True)
+                    return
+                if work.exception() is not None:
+                    log.error("balance cycle failed: %s", work.exception())
+                else:
+                    self.last_cycle = work.result()
+                    await self._publish_summary(cycle, self.last_cycle)
+            if await self._sleep(stop, self.config.balance.cycle_interval_s):
+                return
+
+    async def _publish_summary(self, cycle: BalanceCycle, result: CycleResult) -> None:
+        ttl = max(3 * self.config.balance.cycle_interval_s, self.config.redis.state_ttl_s)
+        try:
+            summary = json.dumps(cycle.summary(result))
+            await self.store.put_document(BALANCE_SUMMARY, summary, ttl)
+        except BalancerError as exc:
+            log.error("cannot publish the balance summary: %s", exc)
+
     async def _reconcile_loop(self, stop: asyncio.Event) -> None:
         async def reconcile() -> None:
             for server_ip, session in self.fabric.sessions.items():
@@ -243,6 +330,46 @@ class Daemon:
 
         interval = min(self.config.health.heartbeat_interval_s, self.config.redis.state_ttl_s / 3)
         await self._every(stop, interval, beat, "heartbeat")
+
+
+async def rebalance_once(config: Config, *, dry_run: bool = False) -> CycleResult:
+    """Exactly one cycle of the daemon's own code (for cron), then exit.
+
+    Live state comes from the shared store when a daemon keeps it fresh there; otherwise this
+    process tracks the servers briefly itself (into a private in-process store). Unless it is a
+    dry run it must hold the leader lease like any daemon, so a cron one-shot and a running
+    daemon never both place calls.
+    """
+    store = open_store(config.redis)
+    tracking: Daemon | None = None
+    stop = asyncio.Event()
+    serving: asyncio.Task[None] | None = None
+    db = DbWorker(config.database.url, config.database.connect_timeout_s)
+    name = f"oneshot:{socket.gethostname()}:{os.getpid()}"
+    leadership = Leadership(store, name, config.balance.lock_ttl_s)
+    try:
+        live_store = store
+        if config.redis.is_memory or not await store.daemons():
+            tracking = Daemon(config, store=MemoryStore(config.redis.state_ttl_s))
+            serving = asyncio.create_task(tracking.serve(stop, balance=False))
+            settle_s = config.ami.connect_timeout_s + 2 * config.ami.action_timeout_s
+            try:
+                await tracking.settled(settle_s)
+            except TimeoutError:
+                log.warning("not every server answered within %.0fs; planning anyway", settle_s)
+            live_store = tracking.store
+        fence = None
+        if not dry_run:
+            await leadership.try_acquire()
+            fence = leadership.check
+        return await BalanceCycle(config, live_store, db, fence).run(dry_run=dry_run)
+    finally:
+        await leadership.release()
+        await db.close()
+        if serving is not None:
+            stop.set()
+            await serving
+        await store.close()
 
 
 def run(config: Config) -> None:

@@ -6,10 +6,12 @@ two never disagree.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 from balancer.store.base import ChannelClass, ServerState, StateStore
+from balancer.store.keys import BALANCE_SUMMARY
 
 STATUS_VERSION = 1
 
@@ -66,8 +68,11 @@ async def build_status(store: StateStore, source: str, now: float | None = None)
     stale = [s["server_ip"] for s in servers if not s["fresh"]]
     if stale:
         problems.append(f"stale state for {', '.join(stale)}")
+    balance_text = await store.get_document(BALANCE_SUMMARY)
+    balance = json.loads(balance_text) if balance_text else None
     return {
         "version": STATUS_VERSION,
+        "balance": balance,
         "generated_at": round(now, 3),
         "source": source,
         "daemons": daemons,
@@ -141,6 +146,48 @@ def render_table(doc: dict[str, Any]) -> str:
         for row in rows
     ]
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    lines.extend(_render_balance(doc.get("balance")))
     for problem in doc["problems"]:
         lines.append(f"WARNING: {problem}")
     return "\n".join(lines)
+
+
+def _render_balance(balance: dict[str, Any] | None) -> list[str]:
+    """The balance section: per server and per campaign, from the last cycle's summary."""
+    if not balance:
+        return ["", "BALANCE: no recent cycle (no daemon leading, or balancing disabled)"]
+    state = balance.get("stopped") or balance.get("skipped") or "active"
+    lines = ["", f"BALANCE ({balance['mode']}, cycle {balance['cycle_id']}): {state}"]
+    rows: list[tuple[str, ...]] = [("SERVER_IP", "BALANCE", "RANK", "ALLOWED", "OUTBALANCE")]
+    for s in balance["servers"]:
+        rows.append(
+            (
+                s["server_ip"],
+                "Y" if s["balance_active"] else "N",
+                str(s["rank"]),
+                str(s["allowed_for_balance"]),
+                str(s["outbalance_calls"]),
+            )
+        )
+    lines.extend(_columns(rows))
+    if balance["campaigns"]:
+        rows = [("CAMPAIGN", "SHORTAGE", "FILLING", "PLACED/MIN")]
+        for c in balance["campaigns"]:
+            rows.append(
+                (
+                    c["campaign_id"],
+                    str(c["shortage"]),
+                    str(c["filling"]),
+                    str(c["placed_last_minute"]),
+                )
+            )
+        lines.append("")
+        lines.extend(_columns(rows))
+    return lines
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]

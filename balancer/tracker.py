@@ -99,6 +99,7 @@ class Tracker:
         self._snapshot_requests: asyncio.Queue[str] = asyncio.Queue()
         self.store_errors = 0
         self.events_total = 0
+        self.snapshotted: set[str] = set()  # servers whose channel set came from a snapshot
 
     # ------------------------------------------------------------------ registry side
 
@@ -236,6 +237,7 @@ class Tracker:
         # Everything pending before the replacement is superseded by it, except the events that
         # arrived during the snapshot: those are replayed after it.
         track.pending = [("replace", channels), *buffered]
+        self.snapshotted.add(server_ip)
         self._wake.set()
 
     def cancel_snapshot(self, server_ip: str) -> None:

@@ -41,7 +41,12 @@ VICIDIAL_TABLES = {
     "vicidial_lead_call_daily_counts",
     "vicidial_phone_number_call_daily_counts",
 }
-BALANCER_TABLES = {"vb_decision_log", "vb_login_flags", "vb_schema_version"}
+BALANCER_TABLES = {
+    "vb_decision_log",
+    "vb_login_flags",
+    "vb_schema_version",
+    "vb_campaign_grouping",
+}
 
 
 def _server_url() -> DatabaseUrl:

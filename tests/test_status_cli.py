@@ -100,7 +100,9 @@ def test_status_table(tmp_path: Path, redis_db: str) -> None:
     row = next(line for line in lines if line.startswith("ast1"))
     assert "UP" in row and "127.0.0.1:15038" in row and "2/23" in row and "alpha=1 beta=1" in row
     assert "DRAINED" in next(line for line in lines if line.startswith("ast2"))
-    assert lines[-1].startswith("TOTAL") and "1/2 up" in lines[-1]
+    total = next(line for line in lines if line.startswith("TOTAL"))
+    assert "1/2 up" in total
+    assert "BALANCE: no recent cycle" in result.output
 
 
 def test_status_without_daemon_is_stale(tmp_path: Path, redis_db: str) -> None:

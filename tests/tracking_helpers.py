@@ -11,6 +11,7 @@ from typing import Any
 
 from balancer.config import (
     AmiConfig,
+    BalanceConfig,
     CarrierConfig,
     Config,
     DatabaseConfig,
@@ -87,6 +88,7 @@ def make_config(
         redis=RedisConfig(url=redis_url, key_prefix=prefix, state_ttl_s=3.0),
         ami=ami,
         health=health,
+        balance=BalanceConfig(enabled=False),  # tracking tests: no balance cycle
         carriers=CARRIERS,
     )
     return replace(config, **changes)

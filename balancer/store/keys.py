@@ -20,6 +20,10 @@ from __future__ import annotations
 CARRIER_FIELD = "carrier:"
 
 
+# Names of published documents (Keys.document): the last balance cycle's summary, for `status`.
+BALANCE_SUMMARY = "balance"
+
+
 class Keys:
     """Key names for one key prefix."""
 
@@ -75,6 +79,10 @@ class Keys:
     def daemon(self, name: str) -> str:
         """String with a TTL; present while that daemon is alive."""
         return f"{self.prefix}daemon:{name}"
+
+    def document(self, name: str) -> str:
+        """String with a TTL: a published document such as the last balance cycle's summary."""
+        return f"{self.prefix}doc:{name}"
 
     def leader(self) -> str:
         """String with a TTL holding the current leader's token (the leader lock)."""

@@ -74,6 +74,10 @@ class MemoryStore(StateStore):
         self._servers: dict[str, _Server] = {}
         self._drained: set[str] = set()
         self._daemons: dict[str, float] = {}  # name -> time.monotonic() deadline
+        self._lease: tuple[str, float] | None = None
+        self._documents: dict[
+            str, tuple[str, float]
+        ] = {}  # name -> (text, deadline)  # (token, time.monotonic() deadline)
 
     def __repr__(self) -> str:
         return f"MemoryStore(state_ttl_s={self.state_ttl_s})"
@@ -175,6 +179,44 @@ class MemoryStore(StateStore):
         for name in [n for n, until in self._daemons.items() if until <= now]:
             del self._daemons[name]
         return sorted(self._daemons)
+
+    async def put_document(self, name: str, text: str, ttl_s: float) -> None:
+        """Keep ``text`` under ``name`` for ``ttl_s`` seconds."""
+        self._documents[name] = (text, time.monotonic() + ttl_s)
+
+    async def get_document(self, name: str) -> str | None:
+        """The document if present and unexpired."""
+        entry = self._documents.get(name)
+        if entry is None or entry[1] <= time.monotonic():
+            return None
+        return entry[0]
+
+    async def acquire_lease(self, token: str, ttl_s: float) -> bool:
+        """Take or extend the in-process lease (one daemon per process: it always can)."""
+        now = time.monotonic()
+        if self._lease is None or self._lease[1] <= now or self._lease[0] == token:
+            self._lease = (token, now + ttl_s)
+            return True
+        return False
+
+    async def holds_lease(self, token: str) -> bool:
+        """True while the lease is ours and unexpired."""
+        return (
+            self._lease is not None
+            and self._lease[0] == token
+            and self._lease[1] > time.monotonic()
+        )
+
+    async def release_lease(self, token: str) -> None:
+        """Drop the lease if it is ours."""
+        if self._lease is not None and self._lease[0] == token:
+            self._lease = None
+
+    async def lease_holder(self) -> str | None:
+        """The current holder's token, if unexpired."""
+        if self._lease is not None and self._lease[1] > time.monotonic():
+            return self._lease[0]
+        return None
 
     async def close(self) -> None:
         """Nothing to release."""

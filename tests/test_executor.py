@@ -1,0 +1,359 @@
+"""The executor on a real MariaDB: pacing, fencing, stops, bookkeeping, and one end-to-end run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import balance_seed as seed
+import pytest
+from conftest import execute, fetchall
+from fixtures_sim import SimFactory
+
+from balancer.db.connection import Connection
+from balancer.db.url import DatabaseUrl
+from balancer.db.worker import DbWorker
+from balancer.executor import LOST_LEADERSHIP, ExecutionReport, Executor
+from balancer.sim import CommandSender
+from balancer.snapshot import CampaignPlan, DbSnapshot, Placement, Plan, Skip
+
+
+@pytest.fixture
+async def worker(database_url: DatabaseUrl) -> AsyncIterator[DbWorker]:
+    """The executor's DB worker thread with its own connection."""
+    db = DbWorker(database_url)
+    yield db
+    await db.close()
+
+
+class FakeSleep:
+    """Records every pause instead of waiting."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+
+
+def make_plan(
+    sequence: list[tuple[str, str, int]],
+    *,
+    pace_ms: float = 0.0,
+    filling: dict[str, int] | None = None,
+    skips: tuple[Skip, ...] = (),
+    staggered: bool = False,
+) -> Plan:
+    """A plan built by hand (no planner): placements in order, one CampaignPlan per campaign."""
+    placements = tuple(Placement(c, s, n, f"fill {n} on {s}") for c, s, n in sequence)
+    filling = filling or {}
+    campaign_ids = sorted({c for c, _, _ in sequence} | set(filling))
+    campaigns = tuple(
+        CampaignPlan(
+            campaign_id=c,
+            demand=99,
+            already_filling=filling.get(c, 0),
+            needed=99 - filling.get(c, 0),
+            may_dial=True,
+            placements=tuple(p for p in placements if p.campaign_id == c),
+            skips=tuple(s for s in skips if s.campaign_id == c),
+        )
+        for c in campaign_ids
+    )
+    return Plan("live", staggered, campaigns=campaigns, pace_ms=pace_ms, sequence=placements)
+
+
+def cluster(db: Connection, leads: int, *, campaigns: tuple[str, ...] = ("CAMP1",)) -> None:
+    """Servers 10.10.0.1 and 10.10.0.2, the campaigns, list 101 and ``leads`` leads each."""
+    seed.server(db, "10.10.0.1", vicidial_balance_rank=1)
+    seed.server(db, "10.10.0.2")
+    for index, camp in enumerate(campaigns):
+        seed.campaign(db, camp)
+        seed.leads(db, leads, camp, first=1 + index * 1000)
+    seed.lead_list(db, 101)
+
+
+def decisions(db: Connection) -> list[dict[str, Any]]:
+    return fetchall(db, "SELECT * FROM vb_decision_log ORDER BY id")
+
+
+def hopper_statuses(db: Connection) -> dict[int, tuple[str, Any]]:
+    rows = fetchall(db, "SELECT lead_id, status, user FROM vicidial_hopper")
+    return {int(str(r["lead_id"])): (str(r["status"]), r["user"]) for r in rows}
+
+
+async def run(
+    worker: DbWorker, db: Connection, plan: Plan, **kwargs: Any
+) -> tuple[ExecutionReport, DbSnapshot]:
+    snap = seed.snapshot(db)
+    kwargs.setdefault("dst", lambda _now: False)
+    executor = Executor(worker, **kwargs)
+    return await executor.execute(plan, snap, "cycle-1"), snap
+
+
+def fills(db: Connection) -> dict[str, int]:
+    rows = fetchall(db, "SELECT campaign_id, balance_trunk_fill FROM vicidial_campaign_stats")
+    return {str(r["campaign_id"]): int(str(r["balance_trunk_fill"])) for r in rows}
+
+
+async def test_pacing_holds_the_rate_after_every_call(worker: DbWorker, db: Connection) -> None:
+    cluster(db, 20)
+    sleep = FakeSleep()
+    plan = make_plan(
+        [("CAMP1", "10.10.0.1", 12), ("CAMP1", "10.10.0.2", 8)], pace_ms=1000, filling={"CAMP1": 2}
+    )
+    report, snap = await run(worker, db, plan, sleep=sleep)
+    assert report.stopped is None and report.errors == []
+    assert report.placed == {("CAMP1", "10.10.0.1"): 12, ("CAMP1", "10.10.0.2"): 8}
+    assert report.total_placed == 20
+    # one pause after every call, the last one too; each is the pace minus the call's own time
+    assert len(sleep.pauses) == 20
+    assert all(0 <= p <= 1.0 for p in sleep.pauses)
+    assert 18.0 <= sum(sleep.pauses) <= 20.0
+    by_server = fetchall(
+        db, "SELECT server_ip, COUNT(*) AS n FROM vicidial_manager GROUP BY server_ip"
+    )
+    assert {str(r["server_ip"]): int(str(r["n"])) for r in by_server} == {
+        "10.10.0.1": 12,
+        "10.10.0.2": 8,
+    }
+    # bookkeeping: fill = already filling + placed, call dates = the cycle's timestamp
+    assert fills(db) == {"CAMP1": 22}
+    assert seed.one(db, "SELECT list_lastcalldate FROM vicidial_lists")["list_lastcalldate"] == (
+        snap.taken_at
+    )
+    calldate = seed.one(db, "SELECT campaign_calldate FROM vicidial_campaigns")
+    assert calldate["campaign_calldate"] == snap.taken_at
+    logged = decisions(db)
+    assert [d["outcome"] for d in logged] == ["placed"] * 20
+    assert report.decisions_logged == 20
+    first = logged[0]
+    assert (first["kind"], first["cycle_id"], first["campaign_id"]) == (
+        "balance",
+        "cycle-1",
+        "CAMP1",
+    )
+    assert (first["server_ip"], first["lead_id"], first["reason"]) == (
+        "10.10.0.1",
+        1,
+        "fill 12 on 10.10.0.1",
+    )
+    assert json.loads(first["details"])["caller_code"] == report.results[0].caller_code
+
+
+async def test_zero_pace_still_yields(worker: DbWorker, db: Connection) -> None:
+    cluster(db, 3)
+    sleep = FakeSleep()
+    report, _ = await run(worker, db, make_plan([("CAMP1", "10.10.0.1", 3)]), sleep=sleep)
+    assert report.total_placed == 3 and sleep.pauses == [0.0, 0.0, 0.0]
+
+
+async def test_lost_leadership_stops_the_cycle(worker: DbWorker, db: Connection) -> None:
+    cluster(db, 10)
+    checks = 0
+
+    async def fence() -> bool:
+        nonlocal checks
+        checks += 1
+        return checks <= 5
+
+    sleep = FakeSleep()
+    plan = make_plan([("CAMP1", "10.10.0.1", 8), ("CAMP1", "10.10.0.2", 2)])
+    report, _ = await run(worker, db, plan, fence=fence, sleep=sleep)
+    assert report.stopped == LOST_LEADERSHIP
+    assert report.errors == []  # not an error: another balancer leads now
+    assert report.placed == {("CAMP1", "10.10.0.1"): 5}
+    assert report.short == {("CAMP1", "10.10.0.1"): 3, ("CAMP1", "10.10.0.2"): 2}
+    assert checks == 6 and len(sleep.pauses) == 5
+    assert seed.count(db, "vicidial_manager") == 5
+    assert seed.count(db, "vicidial_auto_calls") == 5
+    # no lead is left claimed: the refused call rolled back, the rest were never touched
+    assert hopper_statuses(db) == {lead: ("READY", None) for lead in range(6, 11)}
+    assert seed.count(db, "vicidial_list", "status = 'NEW' AND called_count = 0") == 5
+    # the bookkeeping write is fenced too, so a former leader leaves it to the new one
+    assert fills(db) == {}
+    outcomes = [(d["outcome"], d["reason"]) for d in decisions(db)]
+    assert outcomes[:5] == [("placed", "fill 8 on 10.10.0.1")] * 5
+    assert outcomes[5] == ("stopped", LOST_LEADERSHIP)
+    assert json.loads(decisions(db)[5]["details"]) == {"calls_not_placed": 5}
+
+
+async def test_a_fence_that_hangs_or_fails_refuses(worker: DbWorker, db: Connection) -> None:
+    cluster(db, 2)
+
+    async def hangs() -> bool:
+        await asyncio.sleep(10)
+        return True
+
+    plan = make_plan([("CAMP1", "10.10.0.1", 2)])
+    report, _ = await run(worker, db, plan, fence=hangs, fence_timeout_s=0.1, sleep=FakeSleep())
+    assert report.stopped == LOST_LEADERSHIP and report.total_placed == 0
+
+    async def broken() -> bool:
+        raise RuntimeError("store unreachable")
+
+    report, _ = await run(worker, db, plan, fence=broken, sleep=FakeSleep())
+    assert report.stopped == LOST_LEADERSHIP and report.total_placed == 0
+    assert seed.count(db, "vicidial_manager") == 0
+    assert hopper_statuses(db) == {1: ("READY", None), 2: ("READY", None)}
+
+
+async def test_exhausted_hopper_stops_only_that_campaign(worker: DbWorker, db: Connection) -> None:
+    cluster(db, 3, campaigns=("CAMP1", "CAMP2"))
+    skip = Skip("CAMP2", "10.10.0.2", "no free lines")
+    plan = make_plan(
+        [("CAMP1", "10.10.0.1", 5), ("CAMP1", "10.10.0.2", 2), ("CAMP2", "10.10.0.1", 2)],
+        skips=(skip,),
+    )
+    report, _ = await run(worker, db, plan, sleep=FakeSleep())
+    assert report.stopped is None
+    assert report.placed == {("CAMP1", "10.10.0.1"): 3, ("CAMP2", "10.10.0.1"): 2}
+    assert report.short == {("CAMP1", "10.10.0.1"): 2, ("CAMP1", "10.10.0.2"): 2}
+    assert fills(db) == {"CAMP1": 3, "CAMP2": 2}
+    rows = [(d["outcome"], d["campaign_id"], d["server_ip"], d["reason"]) for d in decisions(db)]
+    assert rows[0] == ("skipped", "CAMP2", "10.10.0.2", "no free lines")
+    assert ("short", "CAMP1", "10.10.0.1", "hopper exhausted after 3 of 5 calls") in rows
+    assert [r[0] for r in rows].count("placed") == 5
+
+
+async def test_orphans_are_logged(worker: DbWorker, db: Connection) -> None:
+    cluster(db, 1)
+    seed.hopper(db, 999, priority=9)
+    report, _ = await run(worker, db, make_plan([("CAMP1", "10.10.0.1", 1)]), sleep=FakeSleep())
+    assert report.total_placed == 1 and report.orphans_deleted == 1
+    orphan = [d for d in decisions(db) if d["outcome"] == "orphan_deleted"]
+    assert [(d["campaign_id"], d["lead_id"]) for d in orphan] == [("CAMP1", 999)]
+
+
+@pytest.fixture
+def failing_third_lead(db: Connection) -> Iterator[None]:
+    """vicidial_dial_log refuses lead 3: the third call fails mid-transaction."""
+    execute(
+        db,
+        "CREATE TRIGGER vb_test_fail_lead3 BEFORE INSERT ON vicidial_dial_log FOR EACH ROW"
+        " BEGIN IF NEW.lead_id = 3 THEN"
+        " SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; END IF; END",
+    )
+    try:
+        yield
+    finally:
+        execute(db, "DROP TRIGGER IF EXISTS vb_test_fail_lead3")
+
+
+async def test_database_error_stops_the_cycle(
+    worker: DbWorker, db: Connection, failing_third_lead: None
+) -> None:
+    cluster(db, 6)
+    plan = make_plan([("CAMP1", "10.10.0.1", 5)], filling={"CAMP1": 1})
+    report, _ = await run(worker, db, plan, sleep=FakeSleep())
+    assert report.stopped is not None and report.stopped.startswith("database error")
+    assert len(report.errors) == 1 and "injected failure" in report.errors[0]
+    assert report.placed == {("CAMP1", "10.10.0.1"): 2}
+    assert hopper_statuses(db) == {lead: ("READY", None) for lead in range(3, 7)}
+    assert seed.count(db, "vicidial_manager") == 2
+    assert fills(db) == {"CAMP1": 3}  # what was placed is still recorded
+    assert decisions(db)[-1]["outcome"] == "stopped"
+
+
+async def test_reset_fill(worker: DbWorker, db: Connection) -> None:
+    seed.campaign(db, "CAMP1")
+    seed.insert(db, "vicidial_campaign_stats", campaign_id="CAMP1", balance_trunk_fill=7)
+    plan = Plan(
+        "live", False, stopped="no active campaign reports a trunk shortage", reset_fill=True
+    )
+    report, _ = await run(worker, db, plan)
+    assert report.total_placed == 0 and report.stopped is None and report.errors == []
+    assert fills(db) == {"CAMP1": 0}
+    assert [(d["outcome"], d["reason"]) for d in decisions(db)] == [
+        ("stopped", "no active campaign reports a trunk shortage")
+    ]
+
+
+async def test_stopped_plan_without_reset_writes_no_fill(worker: DbWorker, db: Connection) -> None:
+    seed.insert(db, "vicidial_campaign_stats", campaign_id="CAMP1", balance_trunk_fill=7)
+    report, _ = await run(worker, db, Plan("live", False, stopped="autodial is off"))
+    assert report.total_placed == 0
+    assert fills(db) == {"CAMP1": 7}
+    assert [d["outcome"] for d in decisions(db)] == ["stopped"]
+
+
+async def test_staggered_sequence(worker: DbWorker, db: Connection) -> None:
+    cluster(db, 5)
+    order = ["10.10.0.1", "10.10.0.2", "10.10.0.1", "10.10.0.2", "10.10.0.1"]
+    plan = make_plan([("CAMP1", ip, 1) for ip in order], staggered=True)
+    report, _ = await run(worker, db, plan, sleep=FakeSleep())
+    assert [r.server_ip for r in report.results] == order
+    assert [r.lead_id for r in report.results] == [1, 2, 3, 4, 5]
+    assert report.placed == {("CAMP1", "10.10.0.1"): 3, ("CAMP1", "10.10.0.2"): 2}
+
+
+async def test_unknown_server_in_plan_is_skipped(worker: DbWorker, db: Connection) -> None:
+    cluster(db, 2)
+    plan = make_plan([("CAMP1", "10.10.0.9", 1), ("CAMP1", "10.10.0.1", 1)])
+    report, _ = await run(worker, db, plan, sleep=FakeSleep())
+    assert report.placed == {("CAMP1", "10.10.0.1"): 1}
+    assert report.short == {("CAMP1", "10.10.0.9"): 1}
+    assert decisions(db)[0]["reason"] == "server not in the snapshot; placement dropped"
+
+
+async def test_end_to_end_with_simulated_servers(
+    worker: DbWorker, db: Connection, database_url: DatabaseUrl, sim_factory: SimFactory
+) -> None:
+    """Plan -> executor -> vicidial_manager -> each server's command sender -> its Asterisk."""
+    ips = ("10.10.0.1", "10.10.0.2")
+    sims = {ip: await sim_factory(ip, answer_delay_s=0.01, call_duration_s=30) for ip in ips}
+    cluster(db, 10)
+    plan = make_plan([("CAMP1", "10.10.0.1", 6), ("CAMP1", "10.10.0.2", 4)], pace_ms=1)
+    report, _ = await run(worker, db, plan)
+    assert report.total_placed == 10 and report.errors == []
+
+    senders = [CommandSender(sim, database_url, poll_interval_s=0.02) for sim in sims.values()]
+    for sender in senders:
+        await sender.start()
+    try:
+        for _ in range(250):
+            if seed.count(db, "vicidial_manager", "status = 'NEW'") == 0:
+                break
+            await asyncio.sleep(0.02)
+        for sender in senders:
+            await sender.wait_idle()
+    finally:
+        for sender in senders:
+            await sender.stop()
+
+    rows = fetchall(db, "SELECT man_id, server_ip, status FROM vicidial_manager")
+    assert {str(r["status"]) for r in rows} == {"SENT"} and len(rows) == 10
+    for sender, ip in zip(senders, ips, strict=True):
+        mine = sorted(int(str(r["man_id"])) for r in rows if r["server_ip"] == ip)
+        assert sorted(sender.executed_ids) == mine
+        assert (sender.answered, sender.failed) == (len(mine), 0)
+    for ip, sim in sims.items():
+        expected = sorted(r.dial_string for r in report.results if r.server_ip == ip)
+        assert sim.originates == len(expected)
+        locals_ = [ch for ch in sim.channels.values() if ch.name.endswith(";1")]
+        dialed = sorted(ch.name.split("/", 1)[1].split("@", 1)[0] for ch in locals_)
+        assert dialed == expected
+        trunks = [ch for ch in sim.channels.values() if ch.kind == "trunk"]
+        assert len(trunks) == len(expected) == sim.trunk_lines_in_use("alpha")
+        # the Originate's caller ID reached the trunk leg: campaign_cid as number, code as name
+        assert {ch.cid_num for ch in trunks} == {"0000000000"}
+        codes = {r.caller_code for r in report.results if r.server_ip == ip}
+        assert {ch.cid_name for ch in trunks} == codes
+
+
+async def test_leadership_lost_before_the_bookkeeping(worker: DbWorker, db: Connection) -> None:
+    cluster(db, 2)
+    checks = 0
+
+    async def fence() -> bool:
+        nonlocal checks
+        checks += 1
+        return checks <= 2  # both calls commit; the fill write is refused
+
+    plan = make_plan([("CAMP1", "10.10.0.1", 2)])
+    report, _ = await run(worker, db, plan, fence=fence, sleep=FakeSleep())
+    assert report.total_placed == 2 and report.stopped == LOST_LEADERSHIP and checks == 3
+    assert fills(db) == {}
+    assert decisions(db)[-1]["reason"] == f"{LOST_LEADERSHIP}: balance_trunk_fill not stored"
