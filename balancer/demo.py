@@ -1,9 +1,12 @@
-"""`vici-balancer demo`: the whole tracker against simulated Asterisk servers, on loopback.
+"""`vici-balancer demo`: the whole balancer against simulated Asterisk servers, on loopback.
 
-Starts N simulated servers with call traffic, seeds their `servers` rows into a scratch database,
-runs the real daemon on the in-process store, and prints the status table while it runs. Partway
-through, one server stops answering (it goes SUSPECT, then DOWN) and later recovers.
-At the end the tracked counts are compared with the simulators' own.
+Starts N simulated servers with background call traffic, each running VICIdial's command sender
+(it executes the `vicidial_manager` rows the balancer writes). Seeds a scratch database with the
+servers and two campaigns whose dialers report trunk shortages, runs the real daemon (tracking and
+balancing) on the in-process store, and prints the status table while it runs. Partway through,
+one server stops answering (SUSPECT, then DOWN: it gets no more balance calls) and later recovers.
+At the end the tracked counts are compared with the simulators' own, and the balance calls are
+checked: every lead dialed once, every call row with its Originate row.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable
 
 from balancer.config import (
     AmiConfig,
+    BalanceConfig,
     CarrierConfig,
     Config,
     DatabaseConfig,
@@ -28,6 +32,8 @@ from balancer.db.connection import Connection, connect
 from balancer.db.url import DatabaseUrl
 from balancer.errors import ConfigError
 from balancer.sim.model import SimCarrier
+from balancer.sim.seed import SeedCampaign, SeedServer, seed_campaigns, seed_servers
+from balancer.sim.sender import CommandSender
 from balancer.sim.server import SimAsterisk
 from balancer.sim.traffic import run_traffic
 from balancer.status import build_status, render_table
@@ -35,7 +41,7 @@ from balancer.store.base import Health
 
 CARRIERS = (SimCarrier("alpha", "9"), SimCarrier("beta", "8", technology="PJSIP"))
 AGENT_PEERS = ("101", "102", "103", "104", "105", "106")
-DEMO_TABLES = ("servers", "phones", "server_updater", "vicidial_server_carriers")
+CALL_HOLD_S = 8.0  # how long a balance call lasts on a simulated server
 
 
 def demo_config(url: DatabaseUrl) -> Config:
@@ -52,27 +58,22 @@ def demo_config(url: DatabaseUrl) -> Config:
             reconcile_interval_s=5.0,
         ),
         health=HealthConfig(heartbeat_interval_s=1.0, heartbeat_misses=2),
+        balance=BalanceConfig(cycle_interval_s=1.0, lock_ttl_s=3.0),
         carriers=tuple(CarrierConfig(c.name, c.dial_prefix) for c in CARRIERS),
     )
 
 
 def seed(conn: Connection, sims: list[SimAsterisk]) -> None:
-    """Replace the demo's servers, phones, carriers and server_updater rows."""
+    """Servers, phones and carriers for the simulators; two campaigns short of lines."""
+    seed_servers(
+        conn,
+        [
+            SeedServer(s.server_ip, s.host, s.port, server_id=f"demo{n}", max_trunks=30, rank=1)
+            for n, s in enumerate(sims, start=1)
+        ],
+    )
     with conn.cursor() as cur:
-        for table in DEMO_TABLES:
-            cur.execute(f"DELETE FROM {table}")  # noqa: S608 - table names are our constants
         for i, sim in enumerate(sims, start=1):
-            cur.execute(
-                "INSERT INTO servers (server_id, server_ip, active, active_asterisk_server,"
-                " telnet_host, telnet_port, ASTmgrUSERNAME, ASTmgrSECRET, max_vicidial_trunks,"
-                " asterisk_version, vicidial_balance_active) VALUES"
-                " (%s, %s, 'Y', 'Y', %s, %s, 'cron', '1234', %s, '18.21.0', 'Y')",
-                (f"demo{i}", sim.server_ip, sim.host, sim.port, 40),
-            )
-            cur.execute(
-                "INSERT INTO server_updater (server_ip, last_update) VALUES (%s, NOW())",
-                (sim.server_ip,),
-            )
             for peer in AGENT_PEERS:
                 cur.execute(
                     "INSERT INTO phones (extension, server_ip, login, pass, active, protocol)"
@@ -91,6 +92,17 @@ def seed(conn: Connection, sims: list[SimAsterisk]) -> None:
                     f"${{EXTEN:1}}@{carrier.name},,To)",
                 ),
             )
+    first, second = sims[0].server_ip, sims[min(1, len(sims) - 1)].server_ip
+    seed_campaigns(
+        conn,
+        [
+            SeedCampaign("CAMPA", leads=400, agents_on=first, shortages={first: 6}),
+            SeedCampaign(
+                "CAMPB", leads=400, agents_on=second, shortages={second: 4}, dial_prefix="8"
+            ),
+        ],
+        calls_per_second=20,
+    )
 
 
 async def _keep_updater_fresh(url: DatabaseUrl, stop: asyncio.Event) -> None:
@@ -106,8 +118,16 @@ async def _keep_updater_fresh(url: DatabaseUrl, stop: asyncio.Event) -> None:
 
 
 def _touch_updater(conn: Connection) -> None:
+    """VICIdial's side of the loop: updaters report in, dialers keep reporting their shortage,
+    and calls that ended leave vicidial_auto_calls (VICIdial's own scripts do that)."""
     with conn.cursor() as cur:
         cur.execute("UPDATE server_updater SET last_update = NOW()")
+        cur.execute("UPDATE vicidial_campaign_server_stats SET update_time = NOW()")
+        cur.execute(
+            "DELETE FROM vicidial_auto_calls WHERE call_type = 'OUTBALANCE'"
+            " AND call_time < NOW() - INTERVAL %s SECOND",
+            (int(CALL_HOLD_S),),
+        )
 
 
 async def run_demo(
@@ -126,11 +146,14 @@ async def run_demo(
         )
     clear = sys.stdout.isatty() if clear_screen is None else clear_screen
     sims = [
-        SimAsterisk(f"10.10.0.{i}", carriers=CARRIERS, max_lines=40, call_duration_s=8.0)
+        SimAsterisk(f"10.10.0.{i}", carriers=CARRIERS, max_lines=40, call_duration_s=CALL_HOLD_S)
         for i in range(1, servers + 1)
     ]
     for sim in sims:
         await sim.start()
+    senders = [CommandSender(sim, url, poll_interval_s=0.1) for sim in sims]
+    for sender in senders:
+        await sender.start()
     conn = await asyncio.to_thread(connect, url)
     try:
         await asyncio.to_thread(schema.install, conn)
@@ -169,9 +192,15 @@ async def run_demo(
                 echo(("\x1b[H\x1b[2J" if clear else "") + head + "\n" + frame + "\n")
                 await asyncio.sleep(min(refresh_s, max(0.05, duration_s - elapsed)))
             traffic_stop.set()
-            ok = await _final_check(daemon, sims, echo)
+            # No new calls from here on: what is live must now match what is tracked.
+            for sender in senders:
+                await sender.stop()
+            tracked_ok = await _final_check(daemon, sims, echo)
             stop.set()
+        ok = tracked_ok and await asyncio.to_thread(_check_calls, url, echo)
     finally:
+        for sender in senders:
+            await sender.stop()
         for sim in sims:
             await sim.stop()
     return ok
@@ -201,6 +230,27 @@ async def _fault_show(sim: SimAsterisk, duration_s: float, stop: asyncio.Event) 
         pass
     finally:
         sim.set_unresponsive(False)
+
+
+def _check_calls(url: DatabaseUrl, echo: Callable[[str], None]) -> bool:
+    """Every balance call has its Originate row, and no lead was dialed twice."""
+    conn = connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*), COUNT(DISTINCT callerid) FROM vicidial_manager")
+            originates, distinct = cur.fetchone() or (0, 0)
+            cur.execute("SELECT COUNT(*) FROM vicidial_hopper WHERE status <> 'READY'")
+            (claimed,) = cur.fetchone() or (0,)
+            cur.execute("SELECT server_ip, COUNT(*) FROM vicidial_manager GROUP BY server_ip")
+            per_server = ", ".join(f"{ip}: {n}" for ip, n in sorted(cur.fetchall()))
+    finally:
+        conn.close()
+    ok = bool(originates == distinct and claimed == 0)
+    echo(
+        f"demo: the balancer placed {originates} calls ({per_server or 'none'}); "
+        + ("every lead dialed once, none left claimed" if ok else "INCONSISTENT call rows")
+    )
+    return ok
 
 
 async def _final_check(

@@ -3,8 +3,12 @@
 Each call runs `place_call` on the DbWorker's thread. Right before its COMMIT the worker thread
 asks the leader fence, which is async and lives on the event loop, so the check is handed back to
 the loop and awaited from the thread: a leader that lost its lease cannot commit a call. After
-every call (the last one too) the executor waits out the rest of ``plan.pace_ms`` counted from the
-call's start, so SQL time is part of the pace and the rate holds the configured calls per second.
+every call (the last one too) the executor waits until ``plan.pace_ms`` after the call's start,
+so SQL time is part of the pace. Starts are kept on a schedule (start of call n = start of call
+n-1 + pace): a sleep that overran (asyncio wakes up to a millisecond late, a lot at 200 calls/s)
+is taken off the next wait, so the rate holds the configured calls per second. A call that
+starts more than one pace behind its slot (a slow transaction) restarts the schedule instead of
+bursting to catch up: the rate never exceeds the limit.
 """
 
 from __future__ import annotations
@@ -105,11 +109,12 @@ class _Fence:
 class _Run:
     """One execution of a plan: what its calls share and what they produced."""
 
-    def __init__(self, cycle: CycleContext, fence: _Fence, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cycle: CycleContext, fence: _Fence, clock: Callable[[], float]) -> None:
         self.cycle = cycle
         self.fence = fence
-        self.loop = loop
-        self.started = loop.time()
+        self.clock = clock
+        self.started = clock()
+        self.slot: float | None = None  # when the next call is due to start
         self.report = ExecutionReport(cycle.cycle_id)
         self.decisions: list[Decision] = []
         self.exhausted: set[str] = set()  # campaigns whose hopper ran dry this cycle
@@ -127,7 +132,7 @@ class _Run:
         self.decisions.append(
             Decision(
                 # the database's clock: the snapshot's NOW() plus the time spent since
-                decided_at=self.cycle.now + timedelta(seconds=self.loop.time() - self.started),
+                decided_at=self.cycle.now + timedelta(seconds=self.clock() - self.started),
                 cycle_id=self.cycle.cycle_id,
                 kind=KIND,
                 campaign_id=campaign_id,
@@ -175,9 +180,11 @@ class Executor:
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         dst: Callable[[datetime], bool] | None = None,
         fence_timeout_s: float = 2.0,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         """Write through ``db``; ``fence`` is asked before every commit (None: always allowed)."""
         self.db = db
+        self.clock = clock  # seconds, monotonic; None: the event loop's clock
         self.fence = fence
         self.sleep = sleep
         self.dst = dst or local_dst
@@ -190,7 +197,7 @@ class Executor:
         run = _Run(
             CycleContext(now=now, dst=self.dst(now), cycle_id=cycle_id),
             _Fence(self.fence, loop, self.fence_timeout_s),
-            loop,
+            self.clock or loop.time,
         )
         if plan.stopped:
             run.decide("stopped", plan.stopped)
@@ -206,7 +213,7 @@ class Executor:
             left = sum(report.short.values())
             run.decide("stopped", report.stopped, info=details(calls_not_placed=left))
         await self._finish(plan, run)
-        report.duration_s = loop.time() - run.started
+        report.duration_s = run.clock() - run.started
         return report
 
     async def _place(
@@ -234,7 +241,9 @@ class Executor:
         )
         placed = 0
         for _ in range(placement.calls):
-            call_started = run.loop.time()
+            call_started = run.clock()
+            if run.slot is None or call_started - run.slot > pace_s:
+                run.slot = call_started  # first call, or too far behind: no catch-up burst
             try:
                 result = await self.db.run(call, idempotent=False)
             except (DatabaseError, pymysql.err.Error) as exc:
@@ -260,7 +269,8 @@ class Executor:
                 break
             placed += 1
             run.record(placement, result, index)
-            await self.sleep(max(0.0, pace_s - (run.loop.time() - call_started)))
+            run.slot += pace_s
+            await self.sleep(max(0.0, run.slot - run.clock()))
         run.short(key, placement.calls - placed)
 
     async def _finish(self, plan: Plan, run: _Run) -> None:

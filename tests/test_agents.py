@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balancer.agents import (
@@ -263,7 +263,7 @@ def test_cascading_skips_a_full_or_down_server() -> None:
     assert "CASCADING: campaign C has 1/5 agents here" in result.reason
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
         st.tuples(

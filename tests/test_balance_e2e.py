@@ -10,17 +10,17 @@ from contextlib import AsyncExitStack
 from dataclasses import replace
 
 import pytest_asyncio
+from conftest import execute, fetchall
+from tracking_helpers import eventually, health_is, make_config, running
 
 from balancer.config import BalanceConfig, Config
 from balancer.daemon import Daemon, rebalance_once
 from balancer.db.connection import Connection
 from balancer.db.url import DatabaseUrl
-from balancer.sim.sender import CommandSender
 from balancer.sim.seed import SeedCampaign, SeedServer, seed_campaigns, seed_servers
+from balancer.sim.sender import CommandSender
 from balancer.sim.server import SimAsterisk
 from balancer.store.base import Health
-from conftest import execute, fetchall
-from tracking_helpers import eventually, health_is, make_config, running
 
 IPS = ("10.10.0.1", "10.10.0.2", "10.10.0.3")
 

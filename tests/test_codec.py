@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balancer.ami.codec import Message, MessageReader, encode
@@ -68,7 +68,7 @@ def test_recording_byte_by_byte_gives_the_same_messages() -> None:
     assert out == WHOLE
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.integers(min_value=1, max_value=3000), min_size=1, max_size=40))
 def test_recording_in_random_chunks_gives_the_same_messages(sizes: list[int]) -> None:
     assert _parse_in_chunks(RECEIVED, sizes) == WHOLE

@@ -29,13 +29,21 @@ async def worker(database_url: DatabaseUrl) -> AsyncIterator[DbWorker]:
 
 
 class FakeSleep:
-    """Records every pause instead of waiting."""
+    """Records every pause instead of waiting; ``clock`` moves on by the pauses (and overruns)."""
 
-    def __init__(self) -> None:
+    def __init__(self, overrun_s: float = 0.0) -> None:
         self.pauses: list[float] = []
+        self.overruns = [overrun_s]  # the last value repeats
+        self.slept = 0.0
 
     async def __call__(self, seconds: float) -> None:
         self.pauses.append(seconds)
+        overrun = self.overruns.pop(0) if len(self.overruns) > 1 else self.overruns[0]
+        self.slept += seconds + overrun
+
+    def clock(self) -> float:
+        """The event loop's clock plus the time spent in fake sleeps."""
+        return asyncio.get_running_loop().time() + self.slept
 
 
 def make_plan(
@@ -104,14 +112,15 @@ async def test_pacing_holds_the_rate_after_every_call(worker: DbWorker, db: Conn
     plan = make_plan(
         [("CAMP1", "10.10.0.1", 12), ("CAMP1", "10.10.0.2", 8)], pace_ms=1000, filling={"CAMP1": 2}
     )
-    report, snap = await run(worker, db, plan, sleep=sleep)
+    report, snap = await run(worker, db, plan, sleep=sleep, clock=sleep.clock)
     assert report.stopped is None and report.errors == []
     assert report.placed == {("CAMP1", "10.10.0.1"): 12, ("CAMP1", "10.10.0.2"): 8}
     assert report.total_placed == 20
     # one pause after every call, the last one too; each is the pace minus the call's own time
     assert len(sleep.pauses) == 20
-    assert all(0 <= p <= 1.0 for p in sleep.pauses)
+    assert all(0.5 < p <= 1.0 for p in sleep.pauses)
     assert 18.0 <= sum(sleep.pauses) <= 20.0
+    assert 20.0 <= report.duration_s < 20.5
     by_server = fetchall(
         db, "SELECT server_ip, COUNT(*) AS n FROM vicidial_manager GROUP BY server_ip"
     )
@@ -141,6 +150,28 @@ async def test_pacing_holds_the_rate_after_every_call(worker: DbWorker, db: Conn
         "fill 12 on 10.10.0.1",
     )
     assert json.loads(first["details"])["caller_code"] == report.results[0].caller_code
+
+
+async def test_pacing_takes_overruns_off_the_next_wait(worker: DbWorker, db: Connection) -> None:
+    cluster(db, 10)
+    sleep = FakeSleep(overrun_s=0.2)  # every sleep wakes up 0.2 s late
+    plan = make_plan([("CAMP1", "10.10.0.1", 10)], pace_ms=1000)
+    report, _ = await run(worker, db, plan, sleep=sleep, clock=sleep.clock)
+    assert report.total_placed == 10
+    # 10 calls take 10 paces (+ the last overrun), not 10 x 1.2 s
+    assert 10.2 <= report.duration_s < 10.7
+    assert all(0.5 < p <= 0.8 for p in sleep.pauses[1:])
+
+
+async def test_pacing_never_bursts_after_a_stall(worker: DbWorker, db: Connection) -> None:
+    cluster(db, 5)
+    sleep = FakeSleep()
+    sleep.overruns = [0.0, 5.0, 0.0]  # the second wait overruns by five paces
+    plan = make_plan([("CAMP1", "10.10.0.1", 5)], pace_ms=1000)
+    report, _ = await run(worker, db, plan, sleep=sleep, clock=sleep.clock)
+    assert report.total_placed == 5
+    # after the stall the schedule restarts: full waits, no back-to-back calls to catch up
+    assert all(0.5 < p <= 1.0 for p in sleep.pauses)
 
 
 async def test_zero_pace_still_yields(worker: DbWorker, db: Connection) -> None:

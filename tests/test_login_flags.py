@@ -310,7 +310,8 @@ async def test_daemon_down_flips_flag_and_recovery_restores_it(
     for sim in sims:
         seed_server(db, sim)
     execute(db, "UPDATE servers SET active_agent_login_server = 'N' WHERE server_ip = '10.10.0.3'")
-    config = make_config(database_url, health=FAST_HEALTH)  # heartbeat 0.2 s x 2
+    health = replace(FAST_HEALTH, heartbeat_interval_s=0.2)  # heartbeat 0.2 s x 2
+    config = make_config(database_url, health=health)
     daemon = Daemon(config)
     keeper_db = DbWorker(database_url)
     stop = asyncio.Event()
@@ -330,7 +331,7 @@ async def test_daemon_down_flips_flag_and_recovery_restores_it(
             # A closed connection is DOWN within 1 s; the flag follows within one pass.
             await sims[0].stop()
             took = await eventually(lambda: flag_is("10.10.0.1", "N"), timeout=3)
-            assert took < 1.0 + 2 * FAST_HEALTH.heartbeat_interval_s + 0.3
+            assert took < 1.0 + 2 * health.heartbeat_interval_s + 0.3
             # The admin's 'N' server goes DOWN too: it is not the keeper's, so no record.
             await sims[2].stop()
             await eventually(lambda: health_is(store, "10.10.0.3", Health.DOWN), timeout=3)

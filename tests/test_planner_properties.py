@@ -11,7 +11,7 @@ from collections import Counter
 from datetime import datetime
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balancer.config import BalanceConfig
@@ -127,7 +127,12 @@ def _per_server(plan: Plan) -> Counter[str]:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.mode}-staggered={c.staggered}")
-@settings(max_examples=200, deadline=None, database=None)
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,
+)
 @given(cluster=clusters())
 def test_plan_invariants(
     cluster: tuple[DbSnapshot, dict[str, LiveServer] | None], config: BalanceConfig
@@ -206,7 +211,12 @@ def test_plan_invariants(
     assert plan_cycle(shuffled, shuffled_live, config) == plan
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,
+)
 @given(clusters(), st.sampled_from(["live", "faithful"]))
 def test_staggered_places_what_normal_mode_places_but_spread(
     cluster: tuple[DbSnapshot, dict[str, LiveServer] | None], mode: str

@@ -33,7 +33,9 @@ FAST_AMI = AmiConfig(
     registry_refresh_s=0.3,
     reconcile_interval_s=30.0,
 )
-FAST_HEALTH = HealthConfig(heartbeat_interval_s=0.2, heartbeat_misses=2)
+# A Ping answered later than the interval counts as missed: 0.5 s keeps a loaded CI machine from
+# turning healthy servers SUSPECT, while timing tests set their own bounds.
+FAST_HEALTH = HealthConfig(heartbeat_interval_s=0.5, heartbeat_misses=2)
 CARRIERS = (CarrierConfig("alpha", "9"), CarrierConfig("beta", "8"))
 
 
@@ -104,7 +106,16 @@ async def running(daemon: Daemon) -> AsyncIterator[Daemon]:
         yield daemon
     finally:
         stop.set()
-        await asyncio.wait_for(task, 10)
+        done, _ = await asyncio.wait({task}, timeout=10)
+        if not done:
+            stacks = "\n".join(
+                f"{t.get_name()}: {t.get_stack(limit=8)}"
+                for t in asyncio.all_tasks()
+                if not t.done()
+            )
+            task.cancel()
+            raise AssertionError(f"daemon did not stop within 10 s; tasks:\n{stacks}")
+        task.result()
 
 
 async def eventually(
