@@ -197,9 +197,18 @@ def run(app: AppContext) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
+@click.option("--watch", is_flag=True, help="Redraw the table in place until interrupted.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.2, 3600),
+    default=2.0,
+    show_default=True,
+    help="Seconds between redraws with --watch.",
+)
+@click.option("--count", type=click.IntRange(1), default=None, hidden=True)
 @click.pass_obj
 @handle_errors
-def status(app: AppContext, as_json: bool) -> None:
+def status(app: AppContext, as_json: bool, watch: bool, interval: float, count: int | None) -> None:
     """Show every server's health and live lines (exit 1 when the state is stale or missing)."""
     import json
 
@@ -213,13 +222,35 @@ def status(app: AppContext, as_json: bool) -> None:
             "the daemon process); set redis.url to the Redis the daemon uses"
         )
 
+    source = config.redis.url.split("@")[-1]
+
     async def read() -> dict[str, object]:
         store = open_store(config.redis)
         try:
-            return await build_status(store, config.redis.url.split("@")[-1])
+            return await build_status(store, source)
         finally:
             await store.close()
 
+    if watch:
+        import time
+
+        frames = 0
+        try:
+            while count is None or frames < count:
+                frame = render_table(asyncio.run(read()))
+                stamp = time.strftime("%H:%M:%S")
+                # color=True: click would strip the cursor-home/clear codes as "styling".
+                click.echo(
+                    f"\x1b[H\x1b[2J{stamp}  {source}  (every {interval:g}s, Ctrl-C to quit)",
+                    color=True,
+                )
+                click.echo(frame)
+                frames += 1
+                if count is None or frames < count:
+                    time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+        return
     doc = asyncio.run(read())
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))

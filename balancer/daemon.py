@@ -14,10 +14,11 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from balancer.ami.fabric import Fabric
-from balancer.config import Config
+from balancer.config import Config, load_config
 from balancer.cycle import BalanceCycle, CycleResult
 from balancer.db import queries
 from balancer.db.connection import Connection
@@ -89,6 +90,8 @@ class Daemon:
         self.leadership = Leadership(self.store, self.name, config.balance.lock_ttl_s)
         self.cycle: BalanceCycle | None = None
         self.last_cycle: CycleResult | None = None
+        self.keeper: LoginFlagKeeper | None = None
+        self.reloads = 0
         self._db: DbWorker | None = None
         self._balance_db: DbWorker | None = None
 
@@ -123,16 +126,47 @@ class Daemon:
                     group.create_task(self.leadership.run(stop), name="leader")
                 # Only the leader writes login flags when balancing; a tracking-only daemon
                 # (manage_login_flags on) keeps them itself. Its last pass runs at shutdown.
-                keeper = LoginFlagKeeper(
+                self.keeper = LoginFlagKeeper(
                     self.config,
                     self.store,
                     self._db,
                     is_leader=(lambda: self.leadership.leading) if balance else None,
                 )
-                group.create_task(keeper.run(stop), name="login-flags")
+                group.create_task(self.keeper.run(stop), name="login-flags")
                 await stop.wait()
         finally:
             await self._shutdown()
+
+    async def reload(self, new: Config) -> list[str]:
+        """Apply a new configuration without dropping AMI sessions (SIGHUP).
+
+        Routes, carriers, caps, intervals, health and balance settings apply at once (sessions
+        pick up new AMI timeouts on their next connection); a server whose address or credentials
+        changed is reconnected by the registry refresh that follows. The database and Redis
+        settings need a restart: the running ones are kept and the returned notes say so.
+        """
+        notes: list[str] = []
+        if new.database != self.config.database:
+            notes.append("[database] changes need a restart; the running settings are kept")
+            new = replace(new, database=self.config.database)
+        if new.redis != self.config.redis:
+            notes.append("[redis] changes need a restart; the running settings are kept")
+            new = replace(new, redis=self.config.redis)
+        self.config = new
+        self.registry.ami = new.ami
+        self.tracker.health_config = new.health
+        self.fabric.ami, self.fabric.health = new.ami, new.health
+        for session in self.fabric.sessions.values():
+            session.ami, session.health_config = new.ami, new.health
+        if self.cycle is not None:
+            self.cycle.config = new
+        if self.keeper is not None:
+            self.keeper.config = new
+        self.leadership.ttl_s = new.balance.lock_ttl_s
+        self.reloads += 1
+        if self._db is not None:
+            await self.refresh_registry()
+        return notes
 
     async def _shutdown(self) -> None:
         # Order: deciding stopped with the balance task (the TaskGroup above); the transaction
@@ -178,15 +212,20 @@ class Daemon:
         return True
 
     async def _every(
-        self, stop: asyncio.Event, interval_s: float, work: Callable[[], Awaitable[None]], what: str
+        self,
+        stop: asyncio.Event,
+        interval_s: Callable[[], float],
+        work: Callable[[], Awaitable[None]],
+        what: str,
     ) -> None:
-        """Run ``work`` now and every ``interval_s`` until stopped; failures are only logged."""
+        """Run ``work`` now and then every ``interval_s()`` (read each time, so a reload applies)
+        until stopped; failures are only logged."""
         while True:
             try:
                 await work()
             except Exception:
                 log.exception("%s failed (the daemon carries on)", what)
-            if await self._sleep(stop, interval_s):
+            if await self._sleep(stop, interval_s()):
                 return
 
     async def _registry_loop(self, stop: asyncio.Event) -> None:
@@ -196,7 +235,9 @@ class Daemon:
             finally:
                 self.ready.set()
 
-        await self._every(stop, self.config.ami.registry_refresh_s, refresh, "registry refresh")
+        await self._every(
+            stop, lambda: self.config.ami.registry_refresh_s, refresh, "registry refresh"
+        )
 
     async def refresh_registry(self) -> None:
         """Re-read the servers table and bring sessions and tracking in step with it."""
@@ -316,7 +357,9 @@ class Daemon:
                     self.tracker.request_snapshot(server_ip)
 
         if not await self._sleep(stop, self.config.ami.reconcile_interval_s):
-            await self._every(stop, self.config.ami.reconcile_interval_s, reconcile, "reconcile")
+            await self._every(
+                stop, lambda: self.config.ami.reconcile_interval_s, reconcile, "reconcile"
+            )
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         async def beat() -> None:
@@ -328,7 +371,9 @@ class Daemon:
             except BalancerError as exc:
                 log.error("state store heartbeat failed: %s", exc)
 
-        interval = min(self.config.health.heartbeat_interval_s, self.config.redis.state_ttl_s / 3)
+        def interval() -> float:
+            return min(self.config.health.heartbeat_interval_s, self.config.redis.state_ttl_s / 3)
+
         await self._every(stop, interval, beat, "heartbeat")
 
 
@@ -372,15 +417,83 @@ async def rebalance_once(config: Config, *, dry_run: bool = False) -> CycleResul
         await store.close()
 
 
-def run(config: Config) -> None:
-    """Blocking entry point for `vici-balancer run`: serve until SIGINT/SIGTERM."""
+def _force_exit() -> None:
+    """A second SIGINT: leave now, without waiting for anything."""
+    os._exit(130)
+
+
+async def serve_until_signalled(
+    daemon: Daemon,
+    config_path: Path | None,
+    *,
+    shutdown_timeout_s: float = 5.0,
+    force_exit: Callable[[], None] = _force_exit,
+) -> None:
+    """Serve with the daemon's signal semantics.
+
+    SIGTERM/SIGINT: ordered shutdown (stop deciding, finish the call in flight, release the lease,
+    close AMI), cut short after ``shutdown_timeout_s``. A second SIGINT forces exit at once.
+    SIGHUP: reload the configuration file; an invalid file is rejected with a log line and the
+    running configuration kept.
+    """
     import signal
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await Daemon(config).serve(stop)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    stops = 0
+    reloads: set[asyncio.Task[None]] = set()
 
-    asyncio.run(main())
+    def on_stop(name: str) -> None:
+        nonlocal stops
+        stops += 1
+        if stops == 1:
+            log.info("%s received: shutting down", name)
+            stop.set()
+        elif name == "SIGINT":
+            log.warning("second SIGINT: forcing exit")
+            force_exit()
+
+    async def reload() -> None:
+        try:
+            new = load_config(config_path)
+        except BalancerError as exc:
+            log.error("config reload rejected, keeping the running configuration: %s", exc)
+            return
+        for note in await daemon.reload(new):
+            log.warning("config reload: %s", note)
+        log.info("configuration reloaded from %s", config_path or "the default path")
+
+    def on_hup() -> None:
+        task = asyncio.create_task(reload(), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    serving = asyncio.create_task(daemon.serve(stop), name="daemon")
+    try:
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        done, _ = await asyncio.wait({serving}, timeout=shutdown_timeout_s)
+        if not done:
+            log.error(
+                "shutdown took longer than %.0fs: cancelling what is left", shutdown_timeout_s
+            )
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+        elif serving.exception() is not None:
+            raise serving.exception()  # type: ignore[misc]
+    finally:
+        for task in reloads:
+            task.cancel()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+
+def run(config: Config) -> None:
+    """Blocking entry point for `vici-balancer run`: serve until SIGINT/SIGTERM."""
+    path = Path(config.path) if config.path else None
+    asyncio.run(serve_until_signalled(Daemon(config), path))

@@ -152,3 +152,14 @@ async def test_stale_server_state_flagged() -> None:
     assert doc["servers"][0]["health"] == "stale"
     assert doc["stale"] and "stale state for 10.10.0.1" in doc["problems"]
     assert "WARNING: stale state" in render_table(doc)
+
+
+def test_status_watch_redraws_in_place(tmp_path: Path, redis_db: str) -> None:
+    asyncio.run(populate(redis_db))
+    config = str(write_config(tmp_path, redis_db))
+    result = CliRunner().invoke(
+        main, ["--config", config, "status", "--watch", "--interval", "0.2", "--count", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count("\x1b[H\x1b[2J") == 2  # cursor home + clear before each frame
+    assert result.output.count("SERVER_IP") >= 2 and "ast1" in result.output

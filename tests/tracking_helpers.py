@@ -101,6 +101,7 @@ async def running(daemon: Daemon) -> AsyncIterator[Daemon]:
     """Run the daemon in a task for the duration of the block; stop and await it after."""
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.serve(stop))
+    daemon.serve_task = task  # type: ignore[attr-defined]  # lets tests check it still serves
     try:
         await asyncio.wait_for(daemon.ready.wait(), 10)
         yield daemon
