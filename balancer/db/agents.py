@@ -25,6 +25,7 @@ from balancer.agents import (
     ServerRecord,
 )
 from balancer.db.connection import Connection
+from balancer.db.queries import load_updater_ages
 from balancer.errors import BalancerError
 
 T = TypeVar("T")
@@ -208,16 +209,6 @@ def load_free_conferences(conn: Connection) -> dict[str, int]:
         " WHERE extension IS NULL OR extension = '' GROUP BY server_ip",
     )
     return {_text(r["server_ip"]): int(r["n"]) for r in rows}
-
-
-def load_updater_ages(conn: Connection) -> dict[str, float]:
-    """server_ip -> seconds since server_updater.last_update, by the database's own clock."""
-    rows = _rows(
-        conn,
-        "SELECT server_ip, TIMESTAMPDIFF(MICROSECOND, last_update, NOW(6)) / 1e6 AS age"
-        " FROM server_updater",
-    )
-    return {_text(r["server_ip"]): float(r["age"]) for r in rows if r["age"] is not None}
 
 
 def load_login_flags(conn: Connection) -> dict[str, LoginFlagRecord]:
