@@ -330,5 +330,9 @@ from balancer.cli_agents import register as _register_agent_commands  # noqa: E4
 
 _register_agent_commands(main)
 
+from balancer.cli_check import register as _register_check_command  # noqa: E402
+
+_register_check_command(main)
+
 if __name__ == "__main__":
     main()

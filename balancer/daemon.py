@@ -26,6 +26,7 @@ from balancer.db.worker import DbWorker
 from balancer.errors import AmiError, BalancerError
 from balancer.leader import Leadership
 from balancer.login_flags import LoginFlagKeeper
+from balancer.metrics import CycleStats, MetricsServer
 from balancer.registry import Registry, WatchedServer, trunk_names
 from balancer.store import open_store
 from balancer.store.base import ServerMeta, StateStore
@@ -91,6 +92,8 @@ class Daemon:
         self.cycle: BalanceCycle | None = None
         self.last_cycle: CycleResult | None = None
         self.keeper: LoginFlagKeeper | None = None
+        self.cycle_stats = CycleStats()
+        self.metrics: MetricsServer | None = None
         self.reloads = 0
         self._db: DbWorker | None = None
         self._balance_db: DbWorker | None = None
@@ -115,6 +118,9 @@ class Daemon:
             "memory://" if self.config.redis.is_memory else self.config.redis.url.split("@")[-1],
         )
         try:
+            if self.config.metrics.listen is not None:
+                self.metrics = MetricsServer(self.config.metrics.listen)
+                await self.metrics.start(self)
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.tracker.run_flusher(stop), name="flusher")
                 group.create_task(self._registry_loop(stop), name="registry")
@@ -149,6 +155,9 @@ class Daemon:
         if new.database != self.config.database:
             notes.append("[database] changes need a restart; the running settings are kept")
             new = replace(new, database=self.config.database)
+        if new.metrics != self.config.metrics:
+            notes.append("[metrics] changes need a restart; the running listener is kept")
+            new = replace(new, metrics=self.config.metrics)
         if new.redis != self.config.redis:
             notes.append("[redis] changes need a restart; the running settings are kept")
             new = replace(new, redis=self.config.redis)
@@ -169,6 +178,8 @@ class Daemon:
         return notes
 
     async def _shutdown(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.close()
         # Order: deciding stopped with the balance task (the TaskGroup above); the transaction
         # in flight finishes on its worker thread; the lease was released by the leader task;
         # then AMI sessions close and the rest is flushed.
@@ -338,6 +349,7 @@ class Daemon:
                     log.error("balance cycle failed: %s", work.exception())
                 else:
                     self.last_cycle = work.result()
+                    self.cycle_stats.observe(self.last_cycle)
                     await self._publish_summary(cycle, self.last_cycle)
             if await self._sleep(stop, self.config.balance.cycle_interval_s):
                 return

@@ -34,10 +34,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(tmp_path: Path, db: DatabaseUrl, redis_url: str, prefix: str) -> Path:
+def write_config(
+    tmp_path: Path, db: DatabaseUrl, redis_url: str, prefix: str, metrics_port: int = 0
+) -> Path:
     path = tmp_path / "vici-balancer.toml"
+    metrics = f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n' if metrics_port else ""
     path.write_text(
-        f"""
+        metrics
+        + f"""
 [database]
 url = "{db.unmasked()}"
 [redis]
@@ -79,7 +83,8 @@ async def test_run_daemon_seen_by_status_in_another_process_then_sigterm(
     for sim in two_sims:
         seed_server(db, sim, max_trunks=23)
         seed_phones(db, sim.server_ip, ["101"])
-    config = write_config(tmp_path, database_url, redis_db, "vbcli:")
+    metrics_port = free_port()
+    config = write_config(tmp_path, database_url, redis_db, "vbcli:", metrics_port)
     env = {**os.environ, "VICI_BALANCER_LOOPBACK_ONLY": "1"}
     proc = subprocess.Popen(
         [*VICI, "--config", str(config), "run"],
@@ -116,6 +121,14 @@ async def test_run_daemon_seen_by_status_in_another_process_then_sigterm(
         assert servers[0]["carriers"] == {"alpha": 2}
         table = await asyncio.to_thread(runner.invoke, main, ["--config", str(config), "status"])
         assert "2/23" in table.output
+        # The daemon serves Prometheus metrics on the configured loopback port.
+        reader, writer = await asyncio.open_connection("127.0.0.1", metrics_port)
+        writer.write(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        body = (await asyncio.wait_for(reader.read(), 5)).decode()
+        writer.close()
+        await writer.wait_closed()
+        assert body.startswith("HTTP/1.") and " 200 " in body.splitlines()[0]
+        assert 'vici_balancer_server_lines{server_ip="10.10.0.1"' in body
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 10)
