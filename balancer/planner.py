@@ -182,6 +182,13 @@ def _plan_campaign(
     if placed < planned:
         why = "no live agent that is not PAUSED" if not may_dial else f"hopper {hopper} READY"
         note += f" of {planned} planned ({why})"
+    # Servers after the need was covered get no Skip each: with hundreds of servers and
+    # campaigns that would be tens of thousands of identical reasons (and decision-log rows).
+    not_needed = {s.server.server_ip for s in slots if s.remaining <= 0 and s.to_dial == 0}
+    not_needed -= {p.server_ip for p in placements}  # staggered dealing may still use them
+    if not_needed:
+        skips = [s for s in skips if s.server_ip not in not_needed]
+        note += f"; {len(not_needed)} more candidate servers not needed"
     return result(note, placements, excluded + skips), calls
 
 
@@ -228,6 +235,8 @@ def _place_in_order(
     skips: list[Skip] = []
     for slot in slots:
         ip = slot.server.server_ip
+        if slot.remaining <= 0:
+            continue  # need already covered: counted in the campaign note, not one Skip each
         head = f"{slot.head} -> {slot.to_dial}"
         if slot.to_dial == 0:
             skips.append(Skip(campaign_id, ip, slot.zero_reason(needed)))
