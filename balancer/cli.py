@@ -334,5 +334,9 @@ from balancer.cli_check import register as _register_check_command  # noqa: E402
 
 _register_check_command(main)
 
+from balancer.cli_routes import register as _register_routes_command  # noqa: E402
+
+_register_routes_command(main)
+
 if __name__ == "__main__":
     main()

@@ -118,6 +118,47 @@ class CarrierConfig:
 
 
 @dataclass(frozen=True)
+class RouteConfig:
+    """One route: which called numbers it matches and its carriers in failover order."""
+
+    name: str
+    # Each tier is a set of equals sharing traffic by weight; tiers are tried in order.
+    tiers: tuple[tuple[str, ...], ...]
+    phone_codes: tuple[str, ...] = ()  # empty: any phone_code
+    prefixes: tuple[str, ...] = ()  # number prefixes (after the phone_code); empty: any number
+    weights: Mapping[str, int] = field(default_factory=dict)  # carrier -> weight (default 1)
+
+    @property
+    def carriers(self) -> tuple[str, ...]:
+        """Every carrier of the route, in failover order."""
+        return tuple(c for tier in self.tiers for c in tier)
+
+    @property
+    def is_default(self) -> bool:
+        """Matches every number (no phone_code and no prefix given)."""
+        return not self.phone_codes and not self.prefixes
+
+    def weight(self, carrier: str) -> int:
+        return self.weights.get(carrier, 1)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Carrier health (circuit breaker) settings and how balance calls use the routes."""
+
+    bypass_balance_calls: bool = False  # true: balance calls keep the campaign's dial prefix
+    retry_failed_calls: bool = True  # re-place a call that failed on a trunk once, next carrier
+    failure_threshold: int = 3  # consecutive trunk failures that open a breaker
+    failure_ratio: float = 0.5  # ... or this share of trunk failures over the window
+    ambiguous_ratio: float = 0.8  # ... or this share of ambiguous causes (1, 18, 21)
+    window_s: float = 60.0  # sliding window of call outcomes
+    min_calls: int = 10  # outcomes in the window before a ratio counts
+    cool_down_s: float = 30.0  # OPEN this long, then HALF-OPEN
+    probe_calls: int = 2  # HALF-OPEN: calls let through; all must succeed to close again
+    publish_interval_s: float = 2.0  # carrier state published for `routes` this often
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: HostPort | None = None
 
@@ -139,6 +180,8 @@ class Config:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     carriers: tuple[CarrierConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: str | None = None
@@ -413,6 +456,128 @@ def _carriers(value: Any) -> tuple[CarrierConfig, ...]:
     return tuple(carriers)
 
 
+def _digits(key: str, value: Any) -> tuple[str, ...]:
+    texts = _string_list(key, value)
+    for text in texts:
+        if not text.isdigit():
+            raise ConfigError(f"{key}: expected digits only, got {text!r}")
+    return texts
+
+
+def _ratio(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(f"{key}: expected a number > 0 and <= 1, got {value!r}")
+    return float(value)
+
+
+def _tiers(key: str, value: Any) -> tuple[tuple[str, ...], ...]:
+    """["a", ["b", "c"], "d"]: a string is a tier of one, an array a tier of equals."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected an array of carrier ids (or arrays of equals)")
+    tiers: list[tuple[str, ...]] = []
+    for item in value:
+        if isinstance(item, str) and item:
+            tiers.append((item,))
+        elif isinstance(item, list) and item and all(isinstance(c, str) and c for c in item):
+            tiers.append(tuple(item))
+        else:
+            raise ConfigError(f"{key}: expected carrier ids or arrays of carrier ids, got {item!r}")
+    return tuple(tiers)
+
+
+def _weights(key: str, value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table carrier = weight, got {value!r}")
+    return {str(k): _int_min(1)(f"{key}.{k}", v) for k, v in value.items()}
+
+
+def _routes(value: Any, carriers: tuple[CarrierConfig, ...]) -> tuple[RouteConfig, ...]:
+    """[[routes]]: every carrier known, no route empty, no (phone_code, prefix) matched twice."""
+    if not isinstance(value, list):
+        raise ConfigError("routes: expected an array of tables ([[routes]])")
+    known = {c.id for c in carriers}
+    routes: list[RouteConfig] = []
+    names: dict[str, int] = {}
+    matched: dict[tuple[str, str], tuple[int, str]] = {}
+    for index, raw in enumerate(value):
+        where = f"routes[{index}]"
+        section = _Section(where, raw)
+        name = section.get("name", "", _nonempty)
+        route = RouteConfig(
+            name=name,
+            phone_codes=section.get("phone_codes", (), _digits),
+            prefixes=section.get("prefixes", (), _digits),
+            tiers=section.get("carriers", (), _tiers),
+            weights=section.get("weights", {}, _weights),
+        )
+        section.done()
+        if not name:
+            raise ConfigError(f"{where}.name: required")
+        if name in names:
+            raise ConfigError(
+                f"{where}.name: duplicate route name {name!r} (also routes[{names[name]}])"
+            )
+        names[name] = index
+        if not route.tiers:
+            raise ConfigError(f"{where}.carriers: route {name!r} lists no carriers")
+        seen: set[str] = set()
+        for carrier in route.carriers:
+            if carrier not in known:
+                raise ConfigError(
+                    f"{where}.carriers: unknown carrier {carrier!r} in route {name!r}"
+                    f" (known: {', '.join(sorted(known)) or 'none'})"
+                )
+            if carrier in seen:
+                raise ConfigError(f"{where}.carriers: carrier {carrier!r} listed twice in {name!r}")
+            seen.add(carrier)
+        for carrier in route.weights:
+            if carrier not in seen:
+                raise ConfigError(
+                    f"{where}.weights: {carrier!r} is not a carrier of route {name!r}"
+                )
+        for key in _match_keys(route):
+            if key in matched:
+                other, other_name = matched[key]
+                raise ConfigError(
+                    f"{where}.prefixes: route {name!r} matches {_describe_match(key)}, "
+                    f"already matched by route {other_name!r} (routes[{other}])"
+                )
+            matched[key] = (index, name)
+        routes.append(route)
+    return tuple(routes)
+
+
+def _match_keys(route: RouteConfig) -> list[tuple[str, str]]:
+    """Every (phone_code, number prefix) pair a route matches on ('' = any)."""
+    return [
+        (code, prefix) for code in route.phone_codes or ("",) for prefix in route.prefixes or ("",)
+    ]
+
+
+def _describe_match(key: tuple[str, str]) -> str:
+    code, prefix = key
+    if not code and not prefix:
+        return "every number (default route)"
+    return f"phone_code {code or '*'} prefix {prefix or '*'}"
+
+
+def _routing(section: _Section) -> RoutingConfig:
+    config = RoutingConfig(
+        bypass_balance_calls=section.get("bypass_balance_calls", False, _bool),
+        retry_failed_calls=section.get("retry_failed_calls", True, _bool),
+        failure_threshold=section.get("failure_threshold", 3, _int_min(1)),
+        failure_ratio=section.get("failure_ratio", 0.5, _ratio),
+        ambiguous_ratio=section.get("ambiguous_ratio", 0.8, _ratio),
+        window_s=section.get("window_s", 60.0, _positive_float),
+        min_calls=section.get("min_calls", 10, _int_min(1)),
+        cool_down_s=section.get("cool_down_s", 30.0, _positive_float),
+        probe_calls=section.get("probe_calls", 2, _int_min(1)),
+        publish_interval_s=section.get("publish_interval_s", 2.0, _positive_float),
+    )
+    section.done()
+    return config
+
+
 def _loopback_listen(key: str, value: Any) -> HostPort | None:
     if value == "":
         return None
@@ -456,6 +621,8 @@ def config_from_dict(
     )
     log_section.done()
 
+    no_carriers: tuple[CarrierConfig, ...] = ()
+    carriers = root.get("carriers", no_carriers, lambda _k, v: _carriers(v))
     config = Config(
         database=database,
         redis=redis,
@@ -463,7 +630,9 @@ def config_from_dict(
         health=_health(root.table("health")),
         balance=_balance(root.table("balance")),
         agents=_agents(root.table("agents")),
-        carriers=root.get("carriers", (), lambda _k, v: _carriers(v)),
+        carriers=carriers,
+        routes=root.get("routes", (), lambda _k, v: _routes(v, carriers)),
+        routing=_routing(root.table("routing")),
         metrics=metrics,
         log=log,
         path=path,

@@ -18,12 +18,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from balancer.ami.fabric import Fabric
+from balancer.carriers import CarrierHealth
 from balancer.config import Config, load_config
 from balancer.cycle import BalanceCycle, CycleResult
 from balancer.db import queries
 from balancer.db.connection import Connection
 from balancer.db.worker import DbWorker
 from balancer.errors import AmiError, BalancerError
+from balancer.executor import Executor
+from balancer.failover import Failover
 from balancer.leader import Leadership
 from balancer.login_flags import LoginFlagKeeper
 from balancer.metrics import CycleStats, MetricsServer
@@ -89,6 +92,11 @@ class Daemon:
         self.watched: dict[str, WatchedServer] = {}
         self.ready = asyncio.Event()  # set after the first registry refresh
         self.leadership = Leadership(self.store, self.name, config.balance.lock_ttl_s)
+        # Carrier health hears events before failover does: failover asks it for the next carrier.
+        self.carrier_health = CarrierHealth(config.carriers, config.routes, config.routing)
+        self.failover = Failover(config.routing, self.carrier_health, fence=self.leadership.check)
+        self.tracker.add_listener(self.carrier_health)
+        self.tracker.add_listener(self.failover)
         self.cycle: BalanceCycle | None = None
         self.last_cycle: CycleResult | None = None
         self.keeper: LoginFlagKeeper | None = None
@@ -110,7 +118,12 @@ class Daemon:
         # The cycle's writes get their own connection and thread: a slow cycle never delays
         # the registry refresh, and shutdown can wait for exactly the write in flight.
         self._balance_db = DbWorker(db_url, timeout)
-        self.cycle = BalanceCycle(self.config, self.store, self._balance_db, self.leadership.check)
+        executor = Executor(
+            self._balance_db, fence=self.leadership.check, router=self.carrier_health
+        )
+        self.cycle = BalanceCycle(
+            self.config, self.store, self._balance_db, self.leadership.check, executor=executor
+        )
         log.info(
             "daemon %s starting: database %s, state %s",
             self.name,
@@ -127,7 +140,14 @@ class Daemon:
                 group.create_task(self._snapshot_loop(stop), name="snapshots")
                 group.create_task(self._reconcile_loop(stop), name="reconcile")
                 group.create_task(self._heartbeat_loop(stop), name="heartbeat")
+                group.create_task(
+                    self.carrier_health.run_publisher(
+                        self.store, stop, (lambda: self.leadership.leading) if balance else None
+                    ),
+                    name="carrier-health",
+                )
                 if balance:
+                    group.create_task(self.failover.run(stop, self._balance_db), name="failover")
                     group.create_task(self._balance_loop(stop), name="balance")
                     group.create_task(self.leadership.run(stop), name="leader")
                 # Only the leader writes login flags when balancing; a tracking-only daemon
@@ -172,6 +192,8 @@ class Daemon:
         if self.keeper is not None:
             self.keeper.config = new
         self.leadership.ttl_s = new.balance.lock_ttl_s
+        self.carrier_health.reconfigure(new.carriers, new.routes, new.routing)
+        self.failover.routing = new.routing
         self.reloads += 1
         if self._db is not None:
             await self.refresh_registry()
@@ -260,9 +282,8 @@ class Daemon:
             log.error("registry refresh failed, keeping %d servers: %s", len(self.watched), exc)
             return
         self.counters.registry_refreshes += 1
-        self.tracker.classifier = Classifier(
-            trunk_names(self.config.carriers, cluster.carriers), cluster.phones
-        )
+        names = trunk_names(self.config.carriers, cluster.carriers)
+        self.tracker.classifier = Classifier(names, cluster.phones)
         watched = self.registry.watched(cluster.servers)
         for server_ip in set(self.watched) - set(watched):
             self.tracker.remove_server(server_ip)
@@ -281,6 +302,7 @@ class Daemon:
             )
             self.tracker.set_updater_age(server_ip, cluster.updater_ages.get(server_ip))
         self.watched = watched
+        self.carrier_health.update_registry(names, cluster.carriers, watched)
         await self.fabric.sync({ip: w.endpoint for ip, w in watched.items()})
 
     async def settled(self, timeout_s: float) -> None:
@@ -419,7 +441,13 @@ async def rebalance_once(config: Config, *, dry_run: bool = False) -> CycleResul
         if not dry_run:
             await leadership.try_acquire()
             fence = leadership.check
-        return await BalanceCycle(config, live_store, db, fence).run(dry_run=dry_run)
+        # Carrier health is known only when this process tracked the servers itself; beside a
+        # running daemon the calls keep the campaign's dial prefix (that daemon routes its own).
+        router = tracking.carrier_health if tracking is not None else None
+        executor = Executor(db, fence=fence, router=router)
+        return await BalanceCycle(config, live_store, db, fence, executor=executor).run(
+            dry_run=dry_run
+        )
     finally:
         await leadership.release()
         await db.close()

@@ -110,7 +110,7 @@ class CycleStats:
         self.call_errors += len(report.errors)
         for call in report.results:
             # The routing work adds a carrier to each call; until then it is "".
-            self.count_placed(call.server_ip, str(getattr(call, "carrier", None) or ""))
+            self.count_placed(call.server_ip, call.carrier_id or "")
 
     def observe_seconds(self, seconds: float) -> None:
         """Record one cycle's duration."""

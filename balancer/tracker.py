@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from balancer.config import HealthConfig
 from balancer.errors import BalancerError
@@ -24,8 +25,28 @@ from balancer.store.base import Channel, ChannelClass, Health, ServerMeta, State
 
 log = logging.getLogger(__name__)
 
-# Events the tracker consumes; also the AMI Filter whitelist it asks servers for.
-TRACKED_EVENTS = ("Newchannel", "Hangup", "Rename", "FullyBooted", "Shutdown")
+# Events the tracker consumes (the channel set) and hands to its listeners (carrier health:
+# answers, peer and registration status); also the AMI Filter whitelist it asks servers for.
+CHANNEL_EVENTS = ("Newchannel", "Hangup", "Rename", "FullyBooted", "Shutdown")
+LISTENER_EVENTS = ("DialEnd", "PeerStatus", "ContactStatus", "Registry")
+TRACKED_EVENTS = CHANNEL_EVENTS + LISTENER_EVENTS
+
+
+class TrackerListener(Protocol):
+    """Receives the tracked events with their channel already classified (O(1) per event).
+
+    ``channel`` is the event's subject: Channel for Newchannel and Hangup, Newname for Rename,
+    DestChannel for DialEnd (None for the rest). Handlers run on the event loop, must be O(1)
+    and must not block; an exception is logged and swallowed (it never reaches the session).
+    """
+
+    def on_channel_event(
+        self, server_ip: str, event: Mapping[str, str], channel: Channel | None
+    ) -> None:
+        """One tracked event of a watched server."""
+
+    def on_channels_replaced(self, server_ip: str, channels: Sequence[Channel]) -> None:
+        """The server's channel set as a snapshot left it (events during it replayed)."""
 
 
 class Classifier:
@@ -100,6 +121,12 @@ class Tracker:
         self.store_errors = 0
         self.events_total = 0
         self.snapshotted: set[str] = set()  # servers whose channel set came from a snapshot
+        self.listeners: list[TrackerListener] = []
+        self.listener_errors = 0
+
+    def add_listener(self, listener: TrackerListener) -> None:
+        """Also hand every tracked event to ``listener`` (carrier health, failover)."""
+        self.listeners.append(listener)
 
     # ------------------------------------------------------------------ registry side
 
@@ -137,23 +164,34 @@ class Tracker:
         if track is None:
             return
         name = event.get("Event")
+        subject: Channel | None = None
         if name == "Newchannel":
             uid, channel = event.get("Uniqueid"), event.get("Channel")
             if not uid or not channel:
                 return
-            op: tuple[str, object] = ("add", self.classifier.channel(server_ip, uid, channel))
-            self._push(track, op)
+            subject = self.classifier.channel(server_ip, uid, channel)
+            self._push(track, ("add", subject))
         elif name == "Hangup":
             uid = event.get("Uniqueid")
             if not uid:
                 return
             self._push(track, ("remove", uid))
+            if self.listeners and (channel := event.get("Channel")):
+                subject = self.classifier.channel(server_ip, uid, channel)
         elif name == "Rename":
             uid, new = event.get("Uniqueid"), event.get("Newname")
             if not uid or not new:
                 return
+            subject = self.classifier.channel(server_ip, uid, new)
             self._push(track, ("remove", uid))
-            self._push(track, ("add", self.classifier.channel(server_ip, uid, new)))
+            self._push(track, ("add", subject))
+        elif name in LISTENER_EVENTS:
+            if self.listeners:
+                if name == "DialEnd" and (dest := event.get("DestChannel")):
+                    uid = event.get("DestUniqueid") or ""
+                    subject = self.classifier.channel(server_ip, uid, dest)
+                self._notify(server_ip, event, subject)
+            return
         elif name == "FullyBooted":
             self.request_snapshot(server_ip)
             return
@@ -163,6 +201,20 @@ class Tracker:
         track.last_event_at = now
         track.events += 1
         self.events_total += 1
+        if self.listeners:
+            self._notify(server_ip, event, subject)
+
+    def _notify(self, server_ip: str, event: Mapping[str, str], channel: Channel | None) -> None:
+        for listener in self.listeners:
+            try:
+                listener.on_channel_event(server_ip, event, channel)
+            except Exception:  # a listener's bug must never cost us the AMI session
+                self._listener_failed()
+
+    def _listener_failed(self) -> None:
+        self.listener_errors += 1
+        if self.listener_errors == 1 or self.listener_errors % 1000 == 0:
+            log.exception("tracker listener failed (%d so far)", self.listener_errors)
 
     def on_health(self, server_ip: str, health: Health, reason: str) -> None:
         track = self.servers.get(server_ip)
@@ -233,12 +285,31 @@ class Tracker:
         ]
         buffered = track.snapshot_buffer or []
         track.snapshot_buffer = None
+        if self.listeners:
+            self._notify_replaced(server_ip, channels, buffered)
         assert track.pending is not None
         # Everything pending before the replacement is superseded by it, except the events that
         # arrived during the snapshot: those are replayed after it.
         track.pending = [("replace", channels), *buffered]
         self.snapshotted.add(server_ip)
         self._wake.set()
+
+    def _notify_replaced(
+        self, server_ip: str, channels: list[Channel], buffered: list[tuple[str, object]]
+    ) -> None:
+        # Listeners saw the buffered events live; hand them the set those events leave behind.
+        final = {c.uniqueid: c for c in channels}
+        for kind, value in buffered:
+            if kind == "add" and isinstance(value, Channel):
+                final[value.uniqueid] = value
+            elif kind == "remove":
+                final.pop(str(value), None)
+        result = list(final.values())
+        for listener in self.listeners:
+            try:
+                listener.on_channels_replaced(server_ip, result)
+            except Exception:
+                self._listener_failed()
 
     def cancel_snapshot(self, server_ip: str) -> None:
         """The snapshot failed: stop buffering (the next one will heal)."""

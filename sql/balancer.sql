@@ -43,6 +43,24 @@ CREATE TABLE IF NOT EXISTS vb_campaign_grouping (
     PRIMARY KEY (campaign_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
+-- Balance calls re-placed on the next carrier of their route after failing on a trunk before
+-- answer (per-call failover). The primary key is the failed call's caller code: a call is
+-- re-placed at most once, whichever daemon sees the failure; a failed retry (found by
+-- retry_caller_code) is never re-placed again.
+CREATE TABLE IF NOT EXISTS vb_call_retries (
+    caller_code VARCHAR(20) NOT NULL COMMENT 'the failed call',
+    retry_caller_code VARCHAR(20) NOT NULL COMMENT 'the call that replaced it',
+    lead_id INT UNSIGNED NOT NULL,
+    server_ip VARCHAR(15) NOT NULL,
+    failed_carrier VARCHAR(15) NOT NULL DEFAULT '',
+    retry_carrier VARCHAR(15) NOT NULL DEFAULT '',
+    hangup_cause SMALLINT UNSIGNED NOT NULL DEFAULT 0,
+    retried_at DATETIME NOT NULL,
+    PRIMARY KEY (caller_code),
+    KEY retry_caller_code (retry_caller_code),
+    KEY retried_at (retried_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
 -- Which version of these vb_ tables is installed; one row per version applied.
 CREATE TABLE IF NOT EXISTS vb_schema_version (
     version INT NOT NULL,

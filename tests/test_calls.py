@@ -18,6 +18,7 @@ from balancer.db.calls import (
     CallResult,
     CycleContext,
     Decision,
+    Unrouted,
     caller_code,
     dial_prefix,
     finish_cycle,
@@ -27,6 +28,7 @@ from balancer.db.calls import (
 )
 from balancer.db.connection import Connection, connect
 from balancer.db.url import DatabaseUrl
+from balancer.routing import CarrierPick, NoCarrier
 
 CODE = "V1221354560000100001"  # VICIDIAL.md's example caller code
 
@@ -206,6 +208,7 @@ def test_example_call_writes_exactly_what_vicidial_writes(db: Connection) -> Non
         orphans_deleted=(),
         phone_number="3125550001",
         alt_dial="NONE",
+        phone_code="1",
     )
     # the hopper is empty now
     assert place(db) is None
@@ -737,3 +740,122 @@ def test_a_deadlock_is_retried(db: Connection, monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(pymysql.err.OperationalError):
         place(db)
     assert len(attempts) == 3  # then it gives up and the caller stops the cycle
+
+
+# --------------------------------------------------------------------------- carrier routing
+
+
+def route_by_number(
+    picks: dict[str, CarrierPick | NoCarrier | None],
+    default: CarrierPick | NoCarrier | None = None,
+    servers: dict[str, str] | None = None,
+) -> Callable[[str, str, str], CarrierPick | NoCarrier | None]:
+    """A chooser answering by number (and, with ``servers``, by number@server)."""
+
+    def choose(server_ip: str, phone_code: str, number: str) -> CarrierPick | NoCarrier | None:
+        key = f"{number}@{server_ip}"
+        if servers is not None and key in servers:
+            return picks[servers[key]]
+        return picks.get(number, default)
+
+    return choose
+
+
+BETA = CarrierPick("beta", "8", "default", 1)
+NONE_LEFT = NoCarrier("default", "route 'default': alpha: open on 10.10.0.1; beta: at its cap")
+
+
+def place_routed(db: Connection, chooser: Any, **kw: Any) -> Any:
+    snap = seed.snapshot(db)
+    cycle = CycleContext(now=EXAMPLE_NOW, dst=False, cycle_id="c1")
+    alternates = [snap.servers[ip] for ip in kw.pop("alternates", ())]
+    return place_call(
+        db,
+        snap.servers["10.10.0.1"],
+        snap.campaigns["CAMP1"],
+        cycle,
+        route=chooser,
+        alternates=alternates,
+        **kw,
+    )
+
+
+def test_the_carrier_prefix_replaces_the_campaign_and_list_prefix(db: Connection) -> None:
+    seed.server(db)
+    seed.campaign(db, dial_prefix="9")
+    seed.lead_list(db, dial_prefix="77")
+    seed.lead(db)
+    seed.hopper(db)
+    result = place_routed(db, route_by_number({}, BETA))
+    assert isinstance(result, CallResult)
+    assert result.dial_string == "813125550001" and result.channel == "Local/813125550001@default"
+    assert (result.carrier_id, result.route, result.phone_code) == ("beta", "default", "1")
+    assert manager_row(db)["cmd_line_d"] == "Channel: Local/813125550001@default"
+
+
+def test_not_routed_keeps_the_campaign_prefix(db: Connection) -> None:
+    seed.example(db)
+    result = place_routed(db, route_by_number({}, None))
+    assert isinstance(result, CallResult)
+    assert result.dial_string == "913125550001" and result.carrier_id == ""
+
+
+def test_a_lead_no_carrier_can_take_stays_in_the_hopper(db: Connection) -> None:
+    seed.server(db)
+    seed.campaign(db)
+    seed.lead_list(db)
+    seed.leads(db, 3)
+    execute(db, "UPDATE vicidial_hopper SET priority = 9, user = 'keepme' WHERE lead_id = 1")
+    first_hopper = seed.one(db, "SELECT hopper_id FROM vicidial_hopper WHERE lead_id = 1")
+    result = place_routed(db, route_by_number({"3125550001": NONE_LEFT}, BETA))
+    assert isinstance(result, CallResult) and result.lead_id == 2
+    assert [(u.lead_id, u.hopper_id, u.route) for u in result.unrouted] == [
+        (1, first_hopper["hopper_id"], "default")
+    ]
+    assert result.unrouted[0].reason == NONE_LEFT.reason
+    hop = seed.one(db, "SELECT status, user FROM vicidial_hopper WHERE lead_id = 1")
+    assert hop == {"status": "READY", "user": "keepme"}  # exactly as it was
+    assert lead_row(db, 1)["status"] == "NEW"
+    # passed over when asked to skip it: the next call takes lead 3
+    again = place_routed(
+        db, route_by_number({"3125550001": NONE_LEFT}, BETA), skip={first_hopper["hopper_id"]}
+    )
+    assert isinstance(again, CallResult) and again.lead_id == 3 and again.unrouted == ()
+
+
+def test_no_carrier_for_any_lead_writes_nothing(db: Connection) -> None:
+    seed.example(db)
+    result = place_routed(db, route_by_number({}, NONE_LEFT))
+    assert isinstance(result, Unrouted) and result.exhausted
+    assert [u.lead_id for u in result.leads] == [100001]
+    _assert_untouched(db)
+
+
+def test_scan_of_unroutable_leads_is_bounded(db: Connection) -> None:
+    seed.server(db)
+    seed.campaign(db)
+    seed.lead_list(db)
+    seed.leads(db, 8)
+    result = place_routed(db, route_by_number({}, NONE_LEFT))
+    assert isinstance(result, Unrouted) and not result.exhausted
+    assert len(result.leads) == 5
+    assert seed.count(db, "vicidial_hopper", "status = 'READY'") == 8
+
+
+def test_no_carrier_on_the_planned_server_tries_the_alternates(db: Connection) -> None:
+    seed.server(db, "10.10.0.1")
+    seed.server(db, "10.10.0.2", ext_context="other")
+    seed.campaign(db)
+    seed.lead_list(db)
+    seed.lead(db)
+    seed.hopper(db)
+    chooser = route_by_number(
+        {"none": NONE_LEFT, "beta": BETA},
+        servers={"3125550001@10.10.0.1": "none", "3125550001@10.10.0.2": "beta"},
+    )
+    result = place_routed(db, chooser, alternates=["10.10.0.2"])
+    assert isinstance(result, CallResult)
+    assert result.server_ip == "10.10.0.2" and result.channel == "Local/813125550001@other"
+    row = manager_row(db)
+    assert (row["server_ip"], row["cmd_line_c"]) == ("10.10.0.2", "Context: other")
+    assert seed.one(db, "SELECT server_ip FROM vicidial_auto_calls")["server_ip"] == "10.10.0.2"

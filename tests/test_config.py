@@ -10,11 +10,18 @@ from click.testing import CliRunner
 
 from balancer.astguiclient import parse_astguiclient
 from balancer.cli import main
-from balancer.config import HostPort, config_from_dict, load_config, parse_host_port
+from balancer.config import (
+    HostPort,
+    RoutingConfig,
+    config_from_dict,
+    load_config,
+    parse_host_port,
+)
 from balancer.db.url import parse_database_url
 from balancer.errors import ConfigError
 
 DB = {"database": {"url": "mysql://cron:secretpw@127.0.0.1:3306/asterisk"}}
+TWO_CARRIERS = {"carriers": [{"id": "a", "dial_prefix": "7"}, {"id": "b", "dial_prefix": "8"}]}
 NO_CONF = Path("/nonexistent/astguiclient.conf")
 
 
@@ -42,8 +49,106 @@ def test_example_config_is_valid_and_complete() -> None:
     config = load_config(path, env={}, astguiclient_path=NO_CONF)
     assert config.carriers
     text = path.read_text()
-    for section in ("[database]", "[redis]", "[ami]", "[health]", "[balance]", "[agents]"):
+    for section in (
+        "[database]",
+        "[redis]",
+        "[ami]",
+        "[health]",
+        "[balance]",
+        "[agents]",
+        "[[carriers]]",
+        "[[routes]]",
+        "[routing]",
+    ):
         assert section in text
+    assert config.routes and config.routing == RoutingConfig()
+
+
+def test_routes_tiers_weights_and_routing_defaults() -> None:
+    config = build(
+        {
+            **DB,
+            "carriers": [
+                {"id": "a", "dial_prefix": "7"},
+                {"id": "b", "dial_prefix": "8"},
+                {"id": "c", "dial_prefix": "6"},
+            ],
+            "routes": [
+                {
+                    "name": "chicago",
+                    "phone_codes": ["1"],
+                    "prefixes": ["312", "773"],
+                    "carriers": ["a", ["b", "c"]],
+                    "weights": {"b": 3},
+                },
+                {"name": "default", "carriers": ["c"]},
+            ],
+            "routing": {"cool_down_s": 5, "bypass_balance_calls": True},
+        }
+    )
+    chicago, default = config.routes
+    assert chicago.tiers == (("a",), ("b", "c"))
+    assert chicago.carriers == ("a", "b", "c")
+    assert (chicago.weight("b"), chicago.weight("c")) == (3, 1)
+    assert chicago.phone_codes == ("1",) and chicago.prefixes == ("312", "773")
+    assert default.is_default and not chicago.is_default
+    assert config.routing.cool_down_s == 5.0 and config.routing.bypass_balance_calls
+    assert build(DB).routing == RoutingConfig(
+        bypass_balance_calls=False,
+        retry_failed_calls=True,
+        failure_threshold=3,
+        failure_ratio=0.5,
+        ambiguous_ratio=0.8,
+        window_s=60.0,
+        min_calls=10,
+        cool_down_s=30.0,
+        probe_calls=2,
+        publish_interval_s=2.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("routes", "message"),
+    [
+        (
+            [{"name": "us", "carriers": ["a"]}, {"name": "uk", "carriers": ["zeta"]}],
+            "routes[1].carriers: unknown carrier 'zeta' in route 'uk' (known: a, b)",
+        ),
+        (
+            [{"name": "empty", "carriers": []}],
+            "routes[0].carriers: route 'empty' lists no carriers",
+        ),
+        (
+            [
+                {"name": "us", "phone_codes": ["1"], "prefixes": ["312"], "carriers": ["a"]},
+                {"name": "chi", "phone_codes": ["1", "44"], "prefixes": ["312"], "carriers": ["b"]},
+            ],
+            "routes[1].prefixes: route 'chi' matches phone_code 1 prefix 312, "
+            "already matched by route 'us' (routes[0])",
+        ),
+        (
+            [{"name": "d1", "carriers": ["a"]}, {"name": "d2", "carriers": ["b"]}],
+            "routes[1].prefixes: route 'd2' matches every number (default route), "
+            "already matched by route 'd1' (routes[0])",
+        ),
+    ],
+)
+def test_route_errors_name_the_route(routes: list[dict[str, Any]], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build({**DB, **TWO_CARRIERS, "routes": routes})
+    assert str(info.value) == message
+
+
+def test_cli_bad_route_exits_2_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[database]\nurl = "mysql://u:p@127.0.0.1/db"\n'
+        '[[carriers]]\nid = "a"\ndial_prefix = "7"\n'
+        '[[routes]]\nname = "us"\ncarriers = ["a", "ghost"]\n'
+    )
+    result = run_cli(["--config", str(path), "schema", "check"])
+    assert result.exit_code == 2
+    assert "routes[0].carriers: unknown carrier 'ghost' in route 'us'" in result.output
 
 
 @pytest.mark.parametrize(
@@ -81,6 +186,38 @@ def test_example_config_is_valid_and_complete() -> None:
             "carriers[1].id",
         ),
         ({"carriers": [{"id": "a", "dial_prefix": "9", "servers": ["x"]}]}, "carriers[0].servers"),
+        ({**TWO_CARRIERS, "routes": [{"name": "r", "carriers": ["a", "x"]}]}, "routes[0].carriers"),
+        ({**TWO_CARRIERS, "routes": [{"name": "r", "carriers": []}]}, "routes[0].carriers"),
+        ({**TWO_CARRIERS, "routes": [{"name": "r"}]}, "routes[0].carriers"),
+        ({**TWO_CARRIERS, "routes": [{"carriers": ["a"]}]}, "routes[0].name"),
+        ({**TWO_CARRIERS, "routes": [{"name": "r", "carriers": [["a", 1]]}]}, "routes[0].carriers"),
+        ({**TWO_CARRIERS, "routes": [{"name": "r", "carriers": ["a", "a"]}]}, "routes[0].carriers"),
+        (
+            {**TWO_CARRIERS, "routes": [{"name": "r", "carriers": ["a"], "prefixes": ["31x"]}]},
+            "routes[0].prefixes",
+        ),
+        (
+            {**TWO_CARRIERS, "routes": [{"name": "r", "carriers": ["a"], "weights": {"b": 2}}]},
+            "routes[0].weights",
+        ),
+        (
+            {**TWO_CARRIERS, "routes": [{"name": "r", "carriers": ["a"], "weights": {"a": 0}}]},
+            "routes[0].weights.a",
+        ),
+        (
+            {
+                **TWO_CARRIERS,
+                "routes": [{"name": "r", "carriers": ["a"]}, {"name": "r", "carriers": ["b"]}],
+            },
+            "routes[1].name",
+        ),
+        ({**TWO_CARRIERS, "routes": [{"name": "r", "carriers": ["a"], "x": 1}]}, "routes[0].x"),
+        ({"routes": {"name": "r"}}, "routes"),
+        ({"routing": {"failure_ratio": 1.5}}, "routing.failure_ratio"),
+        ({"routing": {"failure_threshold": 0}}, "routing.failure_threshold"),
+        ({"routing": {"cool_down_s": 0}}, "routing.cool_down_s"),
+        ({"routing": {"bypass_balance_calls": "no"}}, "routing.bypass_balance_calls"),
+        ({"routing": {"probes": 2}}, "routing.probes"),
         ({"metrics": {"listen": "9108"}}, "metrics.listen"),
         ({"log": {"level": "LOUD"}}, "log.level"),
         ({"log": {"format": "xml"}}, "log.format"),

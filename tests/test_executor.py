@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from typing import Any
 
 import balance_seed as seed
@@ -16,6 +16,7 @@ from balancer.db.connection import Connection
 from balancer.db.url import DatabaseUrl
 from balancer.db.worker import DbWorker
 from balancer.executor import LOST_LEADERSHIP, ExecutionReport, Executor
+from balancer.routing import CarrierPick, NoCarrier, PlacedCall
 from balancer.sim import CommandSender
 from balancer.snapshot import CampaignPlan, DbSnapshot, Placement, Plan, Skip
 
@@ -388,3 +389,122 @@ async def test_leadership_lost_before_the_bookkeeping(worker: DbWorker, db: Conn
     assert report.total_placed == 2 and report.stopped == LOST_LEADERSHIP and checks == 3
     assert fills(db) == {}
     assert decisions(db)[-1]["reason"] == f"{LOST_LEADERSHIP}: balance_trunk_fill not stored"
+
+
+# --------------------------------------------------------------------------- carrier routing
+
+BETA = CarrierPick("beta", "8", "default", 1)
+
+
+class FakeRouter:
+    """Answers by (server, number); remembers what was committed."""
+
+    def __init__(
+        self,
+        default: CarrierPick | NoCarrier | None = BETA,
+        by_number: dict[str, CarrierPick | NoCarrier] | None = None,
+        by_server: dict[str, CarrierPick | NoCarrier] | None = None,
+        fail: bool = False,
+    ) -> None:
+        self.default = default
+        self.by_number = by_number or {}
+        self.by_server = by_server or {}
+        self.fail = fail
+        self.asked: list[tuple[str, str, str]] = []
+        self.committed: list[PlacedCall] = []
+
+    def choose(
+        self, server_ip: str, phone_code: str, number: str, exclude: Collection[str] = ()
+    ) -> CarrierPick | NoCarrier | None:
+        self.asked.append((server_ip, phone_code, number))
+        if self.fail:
+            raise RuntimeError("router bug")
+        if number in self.by_number:
+            return self.by_number[number]
+        return self.by_server.get(server_ip, self.default)
+
+    def placed(self, call: PlacedCall) -> None:
+        self.committed.append(call)
+
+
+def no_carrier(why: str) -> NoCarrier:
+    return NoCarrier("default", f"route 'default': {why}")
+
+
+async def test_every_call_gets_its_carrier_and_the_log_names_it(
+    worker: DbWorker, db: Connection
+) -> None:
+    cluster(db, 3)
+    router = FakeRouter()
+    report, _ = await run(
+        worker, db, make_plan([("CAMP1", "10.10.0.1", 3)]), sleep=FakeSleep(), router=router
+    )
+    assert report.total_placed == 3
+    assert all(r.dial_string.startswith("81312555") for r in report.results)
+    assert [c.carrier_id for c in router.committed] == ["beta"] * 3
+    call = router.committed[0]
+    assert (call.lead_id, call.server_ip, call.phone_code, call.number) == (
+        1,
+        "10.10.0.1",
+        "1",
+        "3125550001",
+    )
+    assert call.caller_code == report.results[0].caller_code and call.retry_of is None
+    placed = [d for d in decisions(db) if d["outcome"] == "placed"]
+    assert {d["carrier_id"] for d in placed} == {"beta"}
+    assert json.loads(str(placed[0]["details"]))["route"] == "default"
+
+
+async def test_leads_no_carrier_can_take_stay_in_the_hopper_and_are_logged(
+    worker: DbWorker, db: Connection
+) -> None:
+    cluster(db, 5)
+    router = FakeRouter(by_number={"3125550001": no_carrier("alpha: open; beta: at its cap")})
+    plan = make_plan([("CAMP1", "10.10.0.1", 2), ("CAMP1", "10.10.0.2", 2)])
+    report, _ = await run(worker, db, plan, sleep=FakeSleep(), router=router)
+    assert sorted(r.lead_id for r in report.results) == [2, 3, 4, 5]
+    # asked once per planned server, then passed over there for the rest of the cycle
+    assert report.unrouted == 2
+    assert hopper_statuses(db) == {1: ("READY", None)}
+    rows = [d for d in decisions(db) if d["outcome"] == "no_carrier"]
+    assert [(d["lead_id"], d["server_ip"]) for d in rows] == [(1, "10.10.0.1"), (1, "10.10.0.2")]
+    assert "lead stays in the hopper" in str(rows[0]["reason"])
+    assert "alpha: open; beta: at its cap" in str(rows[0]["reason"])
+
+
+async def test_a_call_moves_to_another_planned_server_with_lines_to_spare(
+    worker: DbWorker, db: Connection
+) -> None:
+    cluster(db, 5)
+    router = FakeRouter(by_server={"10.10.0.1": no_carrier("alpha: open on 10.10.0.1")})
+    plan = make_plan([("CAMP1", "10.10.0.1", 2), ("CAMP1", "10.10.0.2", 1)])
+    report, _ = await run(worker, db, plan, sleep=FakeSleep(), router=router)
+    assert report.placed == {("CAMP1", "10.10.0.2"): 3}
+    assert report.short == {}
+    moved = [d for d in decisions(db) if str(d["reason"]).startswith("no carrier on 10.10.0.1")]
+    assert len(moved) == 2 and {d["server_ip"] for d in moved} == {"10.10.0.2"}
+    assert fills(db) == {"CAMP1": 3}
+
+
+async def test_no_move_to_a_server_without_spare_lines(worker: DbWorker, db: Connection) -> None:
+    cluster(db, 5)
+    execute(db, "UPDATE servers SET max_vicidial_trunks = 1 WHERE server_ip = '10.10.0.2'")
+    router = FakeRouter(by_server={"10.10.0.1": no_carrier("alpha: open on 10.10.0.1")})
+    plan = make_plan([("CAMP1", "10.10.0.1", 2), ("CAMP1", "10.10.0.2", 1)])
+    report, _ = await run(worker, db, plan, sleep=FakeSleep(), router=router)
+    assert report.placed == {("CAMP1", "10.10.0.2"): 1}  # its one planned line, no more
+    assert report.short == {("CAMP1", "10.10.0.1"): 2}
+    assert seed.count(db, "vicidial_hopper", "status = 'READY'") == 4
+
+
+async def test_a_broken_router_fails_closed(worker: DbWorker, db: Connection) -> None:
+    cluster(db, 2)
+    router = FakeRouter(fail=True)
+    report, _ = await run(
+        worker, db, make_plan([("CAMP1", "10.10.0.1", 2)]), sleep=FakeSleep(), router=router
+    )
+    assert report.total_placed == 0 and report.errors == []
+    assert seed.count(db, "vicidial_manager") == 0
+    assert {s for s, _ in hopper_statuses(db).values()} == {"READY"}
+    reasons = [str(d["reason"]) for d in decisions(db) if d["outcome"] == "no_carrier"]
+    assert reasons and all("carrier choice failed: router bug" in r for r in reasons)

@@ -28,7 +28,6 @@ from balancer.errors import BalancerError
 from balancer.executor import ExecutionReport
 from balancer.metrics import (
     CONTENT_TYPE,
-    CycleStats,
     EventRate,
     Histogram,
     MetricsServer,
@@ -226,10 +225,10 @@ async def test_scrape_tracking_daemon_over_http(
         seed_server(db, sim, max_trunks=23)
         seed_phones(db, sim.server_ip, ["101"])
     daemon = Daemon(make_config(database_url, redis_url=redis_db, prefix="vbm:"))
-    stats = getattr(daemon, "cycle_stats", None) or CycleStats()
-    daemon.cycle_stats = stats  # type: ignore[attr-defined]  # until the daemon owns one
+    stats = daemon.cycle_stats
     breakers = FakeCarrierHealth()
-    daemon.carrier_health = breakers  # type: ignore[attr-defined]
+    # The real engine stays wired in; only the breaker states metrics read are scripted.
+    daemon.carrier_health.states = breakers.states  # type: ignore[method-assign]
     server = MetricsServer(HostPort("127.0.0.1", 0), sample_interval_s=0.05)
     async with running(daemon):
         await server.start(daemon)

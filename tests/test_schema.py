@@ -46,6 +46,7 @@ BALANCER_TABLES = {
     "vb_login_flags",
     "vb_schema_version",
     "vb_campaign_grouping",
+    "vb_call_retries",
 }
 
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 CARRIER_FIELD = "carrier:"
 
 
-# Names of published documents (Keys.document): the last balance cycle's summary, for `status`.
+# Names of published documents (Keys.document): the last balance cycle's summary, for `status`;
+# the leader's carrier health and route table, for `routes`.
 BALANCE_SUMMARY = "balance"
+ROUTES_DOCUMENT = "routes"
 
 
 class Keys:

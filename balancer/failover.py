@@ -1,0 +1,269 @@
+"""Per-call failover: a balance call that fails on a trunk before answer is re-placed once.
+
+The seed's "failure route" idea: a trunk failure (503/500/... -> causes 34, 38, 27, 102, 41, 42,
+58, 127) moves the call to the next carrier of its route; a called-party outcome (busy, no
+answer, normal clearing, invalid number) never does. At most one retry per call, and a failed
+retry is never retried: `replace_call` keys vb_call_retries by the failed call's caller code,
+so this holds across daemons and leader changes. Only the leader re-places (the executor's
+fence, checked before the commit), and every retry, or refusal to retry, goes to the decision
+log (kind 'failover').
+
+Correlation, from AMI back to the lead: every Originate the balancer writes carries the
+VICIdial caller code (``V`` + 9 digits of time + 10-digit lead_id) as its Callerid name, and
+Asterisk copies it to every leg of the call: the Local ``;1``/``;2`` legs and the trunk channel
+(see tests/data/asterisk22-originate-session.txt: ``CallerIDName`` on every Hangup; the
+simulator does the same). The executor tells us each routed call it committed, keyed by that
+code, with the carrier it chose. The first Hangup carrying a known code decides: ChannelState
+Up means the call was answered (then hung up: nothing to do); otherwise its ``Cause`` (the trunk
+leg's cause propagates to the Local legs, as the recording shows) is classified. A DialEnd
+``ANSWER`` carrying the code forgets the call early. The caller code was chosen over the Local
+channel name (``Local/<dial string>@<context>``): the name holds only the number, which a
+campaign may dial again, while the code names the one call and its lead exactly. Calls whose
+outcome never arrives are forgotten after their dial timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import pymysql
+
+from balancer.carriers import UP_STATE, CarrierHealth, caller_code_in, dial_timeout_s
+from balancer.config import RoutingConfig
+from balancer.db.calls import CallResult, Decision, details, log_decisions, replace_call
+from balancer.db.worker import DbWorker
+from balancer.errors import DatabaseError
+from balancer.executor import Fence
+from balancer.routing import CarrierPick, Outcome, PlacedCall, classify_cause
+from balancer.store.base import Channel
+
+log = logging.getLogger(__name__)
+
+KIND = "failover"
+_FORGET_MARGIN_S = 30.0  # a call with no outcome is forgotten this long after its dial timeout
+_SWEEP_S = 1.0
+
+
+@dataclass(frozen=True)
+class FailedCall:
+    """A routed call that failed on a trunk before answer."""
+
+    call: PlacedCall
+    cause: int
+
+
+class Failover:
+    """Watches the calls the executor routed and re-places each trunk failure once.
+
+    Subscribes itself to ``carriers`` (every routed call committed is reported there) and is a
+    tracker listener (Hangup, DialEnd). ``run(stop, db)`` does the re-placing.
+    """
+
+    def __init__(
+        self,
+        routing: RoutingConfig,
+        carriers: CarrierHealth,
+        *,
+        fence: Callable[[], Awaitable[bool]] | None = None,
+        fence_timeout_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = datetime.now,
+        max_tracked: int = 100_000,
+    ) -> None:
+        self.routing = routing
+        self.carriers = carriers
+        self.fence = fence
+        self.fence_timeout_s = fence_timeout_s
+        self.clock = clock
+        self.now = now
+        self.max_tracked = max_tracked
+        self.calls: dict[str, tuple[PlacedCall, float]] = {}  # caller code -> call, forget at
+        self._due: deque[tuple[float, str]] = deque()
+        self.pending: deque[FailedCall] = deque()
+        self._wake: asyncio.Event | None = None
+        self.retried = 0
+        self.not_retried = 0
+        carriers.observers.append(self.track)
+
+    # ------------------------------------------------------------------ inputs
+
+    def track(self, call: PlacedCall) -> None:
+        """A routed call was committed: watch for its outcome."""
+        if not self.routing.retry_failed_calls:
+            return
+        due = self.clock() + dial_timeout_s(call.campaign.dial_timeout) + _FORGET_MARGIN_S
+        self.calls[call.caller_code] = (call, due)
+        self._due.append((due, call.caller_code))
+        while len(self.calls) > self.max_tracked and self._due:
+            _, code = self._due.popleft()
+            self.calls.pop(code, None)
+
+    def on_channel_event(
+        self, server_ip: str, event: Mapping[str, str], channel: Channel | None
+    ) -> None:
+        """Hangup before answer with a trunk-failure cause: queue the call's retry (O(1))."""
+        name = event.get("Event")
+        if name == "DialEnd":
+            if event.get("DialStatus") == "ANSWER":
+                code = caller_code_in(event, "DestCallerIDName", "CallerIDName")
+                if code is not None:
+                    self.calls.pop(code, None)
+            return
+        if name != "Hangup" or not self.calls:
+            return
+        code = caller_code_in(event, "CallerIDName", "ConnectedLineName")
+        if code is None:
+            return
+        entry = self.calls.get(code)
+        if entry is None or entry[0].server_ip != server_ip:
+            return
+        del self.calls[code]
+        if event.get("ChannelState") == UP_STATE:
+            return  # answered, now over
+        cause_text = event.get("Cause", "")
+        cause = int(cause_text) if cause_text.isdigit() else 0
+        if classify_cause(cause) is not Outcome.TRUNK_FAILURE:
+            return  # busy, no answer, normal clearing ...: the called party's doing
+        self.pending.append(FailedCall(entry[0], cause))
+        if self._wake is not None:
+            self._wake.set()
+
+    def on_channels_replaced(self, server_ip: str, channels: Sequence[Channel]) -> None:
+        """Nothing to do: a call's outcome comes from its Hangup."""
+
+    # ------------------------------------------------------------------ re-placing
+
+    async def run(self, stop: asyncio.Event, db: DbWorker) -> None:
+        """Re-place queued failures through ``db`` until ``stop`` is set."""
+        self._wake = asyncio.Event()
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                if not self.pending:
+                    woken = asyncio.ensure_future(self._wake.wait())
+                    await asyncio.wait(
+                        {woken, stopping}, timeout=_SWEEP_S, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    woken.cancel()
+                self._wake.clear()
+                self._forget_expired()
+                while self.pending and not stop.is_set():
+                    failed = self.pending.popleft()
+                    try:
+                        await self.retry(db, failed)
+                    except Exception:
+                        log.exception("re-placing call %s failed", failed.call.caller_code)
+        finally:
+            stopping.cancel()
+            self._wake = None
+
+    async def retry(self, db: DbWorker, failed: FailedCall) -> CallResult | None:
+        """Re-place one failed call on the next carrier of its route (if we lead and one can)."""
+        call = failed.call
+        if self.fence is not None and not await self.fence():
+            log.debug("call %s failed on %s: not the leader", call.caller_code, call.carrier_id)
+            return None
+        failure = f"cause {failed.cause} on carrier {call.carrier_id}"
+        if call.retry_of is not None:
+            why = f"{failure}: the call was already the retry of {call.retry_of} (at most one)"
+            await self._log(db, call, "not_retried", why, failed)
+            return None
+        choice = self.carriers.choose(
+            call.server_ip, call.phone_code, call.number, exclude=(call.carrier_id,)
+        )
+        if not isinstance(choice, CarrierPick):
+            why = "routing no longer applies" if choice is None else choice.reason
+            await self._log(db, call, "not_retried", f"{failure}; no carrier: {why}", failed)
+            return None
+        fence = Fence(self.fence, asyncio.get_running_loop(), self.fence_timeout_s)
+        pick = choice
+        try:
+            result = await db.run(
+                lambda conn: replace_call(
+                    conn, call, pick, call.carrier_id, failed.cause, fence.check
+                ),
+                idempotent=False,
+            )
+        except (DatabaseError, pymysql.err.Error) as exc:
+            log.error("re-placing call %s (lead %d): %s", call.caller_code, call.lead_id, exc)
+            return None
+        if not isinstance(result, CallResult):
+            await self._log(db, call, "not_retried", f"{failure}; {result.reason}", failed)
+            return None
+        self.retried += 1
+        retry = PlacedCall(
+            caller_code=result.caller_code,
+            lead_id=call.lead_id,
+            campaign=call.campaign,
+            server=call.server,
+            carrier_id=pick.carrier_id,
+            route=pick.route,
+            phone_code=call.phone_code,
+            number=call.number,
+            alt_dial=call.alt_dial,
+            placed_at=self.now().replace(microsecond=0),
+            retry_of=call.caller_code,
+        )
+        self.carriers.placed(retry)
+        log.info(
+            "call %s (lead %d) failed with %s: re-placed on %s as %s",
+            call.caller_code,
+            call.lead_id,
+            failure,
+            pick.carrier_id,
+            result.caller_code,
+        )
+        info = {"retry_caller_code": result.caller_code, "man_id": result.man_id}
+        why = f"{failure}: re-placed once on the next carrier of route {pick.route!r}"
+        await self._log(db, call, "retried", why, failed, pick.carrier_id, info)
+        return result
+
+    async def _log(
+        self,
+        db: DbWorker,
+        call: PlacedCall,
+        outcome: str,
+        reason: str,
+        failed: FailedCall,
+        carrier_id: str = "",
+        extra: Mapping[str, object] | None = None,
+    ) -> None:
+        if outcome != "retried":
+            self.not_retried += 1
+            log.info("call %s (lead %d) not re-placed: %s", call.caller_code, call.lead_id, reason)
+        decision = Decision(
+            decided_at=self.now(),
+            cycle_id=f"failover:{call.caller_code}",
+            kind=KIND,
+            campaign_id=call.campaign.campaign_id,
+            lead_id=call.lead_id,
+            server_ip=call.server_ip,
+            carrier_id=carrier_id or call.carrier_id,
+            outcome=outcome,
+            reason=reason,
+            details=details(
+                caller_code=call.caller_code,
+                failed_carrier=call.carrier_id,
+                cause=failed.cause,
+                route=call.route,
+                **(extra or {}),
+            ),
+        )
+        try:
+            await db.run(lambda conn: log_decisions(conn, [decision]), idempotent=False)
+        except (DatabaseError, pymysql.err.Error) as exc:
+            log.error("writing the failover decision of %s: %s", call.caller_code, exc)
+
+    def _forget_expired(self) -> None:
+        now = self.clock()
+        while self._due and self._due[0][0] <= now:
+            due, code = self._due.popleft()
+            entry = self.calls.get(code)
+            if entry is not None and entry[1] == due:
+                del self.calls[code]
