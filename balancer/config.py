@@ -578,11 +578,12 @@ def _routing(section: _Section) -> RoutingConfig:
     return config
 
 
-def _loopback_listen(key: str, value: Any) -> HostPort | None:
+def _optional_listen(key: str, value: Any) -> HostPort | None:
+    """A listen address, or None for "" (off). Any address: keep it on loopback or a private
+    management network, the metrics carry no secrets but do map the cluster."""
     if value == "":
         return None
-    address = parse_host_port(key, value)
-    return address
+    return parse_host_port(key, value)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -611,7 +612,7 @@ def config_from_dict(
     redis_section.done()
 
     metrics_section = root.table("metrics")
-    metrics = MetricsConfig(listen=metrics_section.get("listen", None, _loopback_listen))
+    metrics = MetricsConfig(listen=metrics_section.get("listen", None, _optional_listen))
     metrics_section.done()
 
     log_section = root.table("log")
