@@ -19,16 +19,14 @@ from balancer.db.calls import (
     CycleContext,
     Decision,
     Unrouted,
-    caller_code,
-    dial_prefix,
     finish_cycle,
     log_decisions,
-    next_called_since_last_reset,
     place_call,
 )
 from balancer.db.connection import Connection, connect
 from balancer.db.url import DatabaseUrl
 from balancer.routing import CarrierPick, NoCarrier
+from balancer.vicidial_fields import caller_code, dial_prefix, next_called_since_last_reset
 
 CODE = "V1221354560000100001"  # VICIDIAL.md's example caller code
 

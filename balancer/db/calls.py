@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,6 +35,16 @@ import pymysql
 from balancer.db.connection import Connection
 from balancer.routing import CarrierPick, NoCarrier, PlacedCall
 from balancer.snapshot import OUTBALANCE, CampaignInfo, ServerInfo
+from balancer.vicidial_fields import (
+    NON_DIGITS,
+    caller_code,
+    caller_id,
+    dial_prefix,
+    lead_local_time,
+    next_called_since_last_reset,
+    originate_exten,
+    timeout_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +57,6 @@ _ER_DUP_ENTRY = 1062
 # Leads without a carrier one call may pass over before it gives up for this cycle.
 _UNROUTED_SCAN = 5
 _SMALLINT_MAX = 65535
-_NON_DIGITS = re.compile(r"\D")
-_LEADING_DIGITS = re.compile(r"\d+")
 
 
 @dataclass(frozen=True)
@@ -149,27 +156,7 @@ class _Hopper:
     user: str | None = None  # before the claim, to put back when the lead stays
 
 
-# --------------------------------------------------------------------------- pure field rules
-
-
-def caller_code(now: datetime, lead_id: int) -> str:
-    """'V' + the last 9 digits of MMDDhhmmss + the lead_id zero-padded to 10 (20 characters)."""
-    return "V" + f"{now:%m%d%H%M%S}"[-9:] + f"{lead_id:010d}"
-
-
-def next_called_since_last_reset(value: str) -> str:
-    """'Y' -> 'Y1', 'Yn' -> 'Y(n+1)', 'Y10' stays (VICIdial stores '' there), else 'Y'."""
-    if not value.startswith("Y"):
-        return "Y"
-    suffix = value[1:]
-    count = int(suffix) if suffix.isdigit() else 0
-    return f"Y{min(count + 1, 10)}"
-
-
-def dial_prefix(list_prefix: str, campaign_prefix: str) -> str:
-    """The list's prefix, else the campaign's, '9' when empty; one containing 'x'/'X' is none."""
-    prefix = list_prefix or campaign_prefix or "9"
-    return "" if "x" in prefix.lower() else prefix
+# --------------------------------------------------------------------------- the number dialed
 
 
 def dialed_number(lead: _Lead, alt_dial: str, auto_alt_dial: str) -> str:
@@ -177,46 +164,8 @@ def dialed_number(lead: _Lead, alt_dial: str, auto_alt_dial: str) -> str:
     if alt_dial == "ALT" and "ALT" in auto_alt_dial:
         return lead.alt_phone
     if alt_dial == "ADDR3" and "ADDR3" in auto_alt_dial:
-        return _NON_DIGITS.sub("", lead.address3)
+        return NON_DIGITS.sub("", lead.address3)
     return lead.phone_number
-
-
-def caller_id(
-    code: str, list_override: str, campaign: CampaignInfo, security_phrase: str
-) -> tuple[str, str, str]:
-    """(CID number, CID type, Callerid value): quoted form only for numbers over 6 characters."""
-    custom = _NON_DIGITS.sub("", security_phrase) if campaign.use_custom_cid else ""
-    if list_override.strip():
-        number, kind = list_override.strip(), "LIST_CID"
-    elif custom:
-        number, kind = custom, "CUSTOM_CID"
-    else:
-        number, kind = campaign.campaign_cid, "CAMPAIGN_CID"
-    value = f'"{code}" <{number}>' if len(number) > 6 else code
-    return number, kind, value
-
-
-def asterisk_major(version: str) -> int | None:
-    """The leading number of asterisk_version ('13.38.3-vici' -> 13); None when there is none."""
-    match = _LEADING_DIGITS.match(version.strip())
-    return int(match.group()) if match else None
-
-
-def originate_exten(server: ServerInfo, campaign: CampaignInfo) -> str:
-    """routing_prefix (Asterisk 12 and later only) + campaign VDAD exten (else the server's)."""
-    exten = campaign.vdad_exten or server.answer_transfer_agent
-    major = asterisk_major(server.asterisk_version)
-    return f"{server.routing_prefix}{exten}" if major is not None and major >= 12 else exten
-
-
-def timeout_ms(dial_timeout: int) -> int:
-    """dial_timeout in ms; 60000 when it is 4 s or less."""
-    return 60000 if dial_timeout <= 4 else dial_timeout * 1000
-
-
-def lead_local_time(now: datetime, server_gmt: float, lead_gmt: float, dst: bool) -> datetime:
-    """The lead's local time: now - (server local_gmt - lead gmt_offset_now [+1 in DST]) hours."""
-    return now - timedelta(hours=server_gmt - lead_gmt + (1 if dst else 0))
 
 
 def _fit(text: str, width: int) -> str:

@@ -111,20 +111,6 @@ return 0
 """
 )
 
-# The leader lease: KEYS[1] = lease key, ARGV = token, ttl in ms. Extending and taking are one
-# step, so a lease that expired between a check and a write cannot be "extended" by its old owner.
-_LEASE_ACQUIRE_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if cur == false or cur == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-_LEASE_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 # KEYS: channels, counts, meta, servers
 # ARGV: server_ip, at ('' = none), n_channels, n (uniqueid, encoded) pairs, then the counts
