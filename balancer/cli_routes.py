@@ -19,6 +19,7 @@ import click
 
 from balancer.carriers import CarrierHealth
 from balancer.config import Config
+from balancer.status import columns
 from balancer.store import open_store
 from balancer.store.keys import ROUTES_DOCUMENT
 
@@ -59,13 +60,6 @@ def _when(value: float | None, now: float) -> str:
     return f"{stamp} ({max(0.0, now - value):.0f}s ago)"
 
 
-def _columns(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
-
-
 def render_routes(doc: dict[str, Any], now: float | None = None) -> str:
     """The routes document as two tables: routes, then carriers per server."""
     now = time.time() if now is None else now
@@ -90,7 +84,7 @@ def render_routes(doc: dict[str, Any], now: float | None = None) -> str:
         rows.append((route["name"], match, " > ".join(tiers)))
     if len(rows) == 1:
         rows.append(("-", "-", "no [[routes]] configured"))
-    lines.extend(_columns(rows))
+    lines.extend(columns(rows))
     lines.append("")
     rows = [
         (
@@ -138,7 +132,7 @@ def render_routes(doc: dict[str, Any], now: float | None = None) -> str:
                     reason,
                 )
             )
-    lines.extend(_columns(rows))
+    lines.extend(columns(rows))
     for problem in doc.get("problems", []):
         lines.append(f"WARNING: {problem}")
     return "\n".join(lines)

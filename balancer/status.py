@@ -140,11 +140,7 @@ def render_table(doc: dict[str, Any]) -> str:
             "",
         )
     )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
+    lines = columns(rows)
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
     lines.extend(_render_balance(doc.get("balance")))
     for problem in doc["problems"]:
@@ -169,7 +165,7 @@ def _render_balance(balance: dict[str, Any] | None) -> list[str]:
                 str(s["outbalance_calls"]),
             )
         )
-    lines.extend(_columns(rows))
+    lines.extend(columns(rows))
     if balance["campaigns"]:
         rows = [("CAMPAIGN", "SHORTAGE", "FILLING", "PLACED/MIN")]
         for c in balance["campaigns"]:
@@ -182,11 +178,12 @@ def _render_balance(balance: dict[str, Any] | None) -> list[str]:
                 )
             )
         lines.append("")
-        lines.extend(_columns(rows))
+        lines.extend(columns(rows))
     return lines
 
 
-def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+def columns(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells as left-aligned columns two spaces apart."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows

@@ -13,8 +13,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import pymysql.cursors
-
 from balancer.agents import (
     AgentTables,
     FlagAction,
@@ -26,6 +24,7 @@ from balancer.agents import (
 )
 from balancer.db.connection import Connection
 from balancer.db.queries import load_updater_ages
+from balancer.db.rows import dict_rows, text
 from balancer.errors import BalancerError
 
 T = TypeVar("T")
@@ -33,16 +32,6 @@ T = TypeVar("T")
 KIND_ASSIGN_PHONE = "assign_phone"
 KIND_LOGIN_FLAG = "login_flag"
 KIND_DRAIN = "drain"
-
-
-def _rows(conn: Connection, sql: str, *params: object) -> list[dict[str, Any]]:
-    with conn.cursor(pymysql.cursors.DictCursor) as cur:
-        cur.execute(sql, params)
-        return list(cur.fetchall())
-
-
-def _text(value: object) -> str:
-    return "" if value is None else str(value)
 
 
 def _flag(value: object) -> str | None:
@@ -99,12 +88,12 @@ def resolve_phones(conn: Connection, alias_or_logins: str) -> ResolvedPhones:
     query = alias_or_logins.strip()
     alias_id: str | None = None
     if "," not in query:
-        rows = _rows(
+        rows = dict_rows(
             conn, "SELECT alias_id, logins_list FROM phones_alias WHERE alias_id = %s", query
         )
         if rows:
             alias_id = str(rows[0]["alias_id"])
-            logins = _split_logins(_text(rows[0]["logins_list"]))
+            logins = _split_logins(text(rows[0]["logins_list"]))
             if not logins:
                 raise BalancerError(f"phone alias {alias_id!r}: its logins_list is empty")
         else:
@@ -114,7 +103,7 @@ def resolve_phones(conn: Connection, alias_or_logins: str) -> ResolvedPhones:
     if not logins:
         raise BalancerError(f"phone alias or logins {query!r}: no phone login given")
     # pymysql renders a tuple parameter as a parenthesised, escaped list.
-    found = _rows(
+    found = dict_rows(
         conn,
         "SELECT login, extension, server_ip, active, protocol FROM phones WHERE login IN %s",
         logins,
@@ -123,11 +112,11 @@ def resolve_phones(conn: Connection, alias_or_logins: str) -> ResolvedPhones:
     phones = sorted(
         (
             PhoneRow(
-                login=_text(r["login"]),
-                extension=_text(r["extension"]),
-                server_ip=_text(r["server_ip"]),
+                login=text(r["login"]),
+                extension=text(r["extension"]),
+                server_ip=text(r["server_ip"]),
                 active=r["active"] == "Y",
-                protocol=_text(r["protocol"]),
+                protocol=text(r["protocol"]),
             )
             for r in found
         ),
@@ -153,15 +142,15 @@ def resolve_phones(conn: Connection, alias_or_logins: str) -> ResolvedPhones:
 
 def load_server_records(conn: Connection) -> dict[str, ServerRecord]:
     """Every `servers` row's agent-related columns, by server_ip."""
-    rows = _rows(
+    rows = dict_rows(
         conn,
         "SELECT server_id, server_ip, active, active_agent_login_server, max_vicidial_trunks"
         " FROM servers ORDER BY server_ip",
     )
     return {
-        _text(r["server_ip"]): ServerRecord(
-            server_ip=_text(r["server_ip"]),
-            server_id=_text(r["server_id"]),
+        text(r["server_ip"]): ServerRecord(
+            server_ip=text(r["server_ip"]),
+            server_id=text(r["server_id"]),
             active=_flag(r["active"]),
             login_flag=_flag(r["active_agent_login_server"]),
             max_trunks=max(0, _int(r["max_vicidial_trunks"], 0)),
@@ -185,38 +174,38 @@ def load_agent_counts(conn: Connection, campaign_id: str | None = None) -> dict[
     """server_ip -> non-remote agents logged in (of one campaign when ``campaign_id``)."""
     # Remote agents (extension 'R/...') are not on any server's Asterisk.
     if campaign_id is None:
-        rows = _rows(
+        rows = dict_rows(
             conn,
             "SELECT server_ip, COUNT(*) AS n FROM vicidial_live_agents"
             " WHERE extension IS NULL OR extension NOT LIKE 'R%%' GROUP BY server_ip",
         )
     else:
-        rows = _rows(
+        rows = dict_rows(
             conn,
             "SELECT server_ip, COUNT(*) AS n FROM vicidial_live_agents"
             " WHERE (extension IS NULL OR extension NOT LIKE 'R%%') AND campaign_id = %s"
             " GROUP BY server_ip",
             campaign_id,
         )
-    return {_text(r["server_ip"]): int(r["n"]) for r in rows}
+    return {text(r["server_ip"]): int(r["n"]) for r in rows}
 
 
 def load_free_conferences(conn: Connection) -> dict[str, int]:
     """server_ip -> agent conferences with an empty extension (free)."""
-    rows = _rows(
+    rows = dict_rows(
         conn,
         "SELECT server_ip, COUNT(*) AS n FROM vicidial_conferences"
         " WHERE extension IS NULL OR extension = '' GROUP BY server_ip",
     )
-    return {_text(r["server_ip"]): int(r["n"]) for r in rows}
+    return {text(r["server_ip"]): int(r["n"]) for r in rows}
 
 
 def load_login_flags(conn: Connection) -> dict[str, LoginFlagRecord]:
     """The vb_login_flags rows: flags the balancer changed and still holds."""
-    rows = _rows(conn, "SELECT server_ip, set_to, previous, reason FROM vb_login_flags")
+    rows = dict_rows(conn, "SELECT server_ip, set_to, previous, reason FROM vb_login_flags")
     return {
-        _text(r["server_ip"]): LoginFlagRecord(
-            _text(r["server_ip"]), _text(r["set_to"]), _flag(r["previous"]), _text(r["reason"])
+        text(r["server_ip"]): LoginFlagRecord(
+            text(r["server_ip"]), text(r["set_to"]), _flag(r["previous"]), text(r["reason"])
         )
         for r in rows
     }
@@ -224,7 +213,7 @@ def load_login_flags(conn: Connection) -> dict[str, LoginFlagRecord]:
 
 def load_grouping(conn: Connection, campaign_id: str) -> Grouping:
     """The campaign's vb_campaign_grouping row; NONE when it has none."""
-    rows = _rows(
+    rows = dict_rows(
         conn,
         "SELECT mode, cascade_limit FROM vb_campaign_grouping WHERE campaign_id = %s",
         campaign_id,
@@ -232,7 +221,7 @@ def load_grouping(conn: Connection, campaign_id: str) -> Grouping:
     if not rows:
         return Grouping(campaign_id)
     try:
-        mode = GroupingMode(_text(rows[0]["mode"]) or "NONE")
+        mode = GroupingMode(text(rows[0]["mode"]) or "NONE")
     except ValueError:
         mode = GroupingMode.NONE
     return Grouping(campaign_id, mode, max(0, _int(rows[0]["cascade_limit"], 0)))
@@ -240,7 +229,9 @@ def load_grouping(conn: Connection, campaign_id: str) -> Grouping:
 
 def campaign_exists(conn: Connection, campaign_id: str) -> bool:
     """Whether vicidial_campaigns has this campaign."""
-    return bool(_rows(conn, "SELECT 1 FROM vicidial_campaigns WHERE campaign_id = %s", campaign_id))
+    return bool(
+        dict_rows(conn, "SELECT 1 FROM vicidial_campaigns WHERE campaign_id = %s", campaign_id)
+    )
 
 
 def read_agent_tables(conn: Connection, campaign_id: str | None = None) -> AgentTables:
@@ -302,7 +293,7 @@ def _transaction(conn: Connection, work: Callable[[], T]) -> T:
 
 
 def _locked_flag(conn: Connection, server_ip: str) -> tuple[bool, str | None]:
-    rows = _rows(
+    rows = dict_rows(
         conn,
         "SELECT active_agent_login_server AS flag FROM servers WHERE server_ip = %s FOR UPDATE",
         server_ip,
@@ -311,7 +302,7 @@ def _locked_flag(conn: Connection, server_ip: str) -> tuple[bool, str | None]:
 
 
 def _locked_record(conn: Connection, server_ip: str) -> LoginFlagRecord | None:
-    rows = _rows(
+    rows = dict_rows(
         conn,
         "SELECT set_to, previous, reason FROM vb_login_flags WHERE server_ip = %s FOR UPDATE",
         server_ip,
@@ -319,7 +310,7 @@ def _locked_record(conn: Connection, server_ip: str) -> LoginFlagRecord | None:
     if not rows:
         return None
     r = rows[0]
-    return LoginFlagRecord(server_ip, _text(r["set_to"]), _flag(r["previous"]), _text(r["reason"]))
+    return LoginFlagRecord(server_ip, text(r["set_to"]), _flag(r["previous"]), text(r["reason"]))
 
 
 def close_login_flag(conn: Connection, server_ip: str, reason: str) -> bool:

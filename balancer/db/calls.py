@@ -33,6 +33,7 @@ from typing import Any
 import pymysql
 
 from balancer.db.connection import Connection
+from balancer.db.rows import text
 from balancer.routing import CarrierPick, NoCarrier, PlacedCall
 from balancer.snapshot import OUTBALANCE, CampaignInfo, ServerInfo
 from balancer.vicidial_fields import (
@@ -176,14 +177,6 @@ def _fit(text: str, width: int) -> str:
 # --------------------------------------------------------------------------- SQL helpers
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
-
-
 def _one(conn: Connection, sql: str, *params: object) -> tuple[Any, ...] | None:
     with conn.cursor() as cur:
         cur.execute(sql, params)
@@ -256,7 +249,7 @@ def _claim(
                 conn, "UPDATE vicidial_hopper SET status = 'INCALL' WHERE hopper_id = %s", hopper_id
             )
             return _Hopper(
-                int(row[0]), int(row[1]), _text(row[2]), None if row[3] is None else _text(row[3])
+                int(row[0]), int(row[1]), text(row[2]), None if row[3] is None else text(row[3])
             )
         if len(ids) < limit:
             return None
@@ -291,16 +284,16 @@ def _read_lead(conn: Connection, lead_id: int) -> _Lead | None:
         lead_id=int(row[0]),
         list_id=int(row[1] or 0),
         gmt_offset_now=float(gmt) if isinstance(gmt, Decimal | int | float) else 0.0,
-        called_since_last_reset=_text(row[3]),
-        phone_code=_text(row[4]),
-        phone_number=_text(row[5]),
-        alt_phone=_text(row[6]),
-        address3=_text(row[7]),
-        security_phrase=_text(row[8]),
+        called_since_last_reset=text(row[3]),
+        phone_code=text(row[4]),
+        phone_number=text(row[5]),
+        alt_phone=text(row[6]),
+        address3=text(row[7]),
+        security_phrase=text(row[8]),
         called_count=int(row[9] or 0),
-        state=_text(row[10]),
-        list_dial_prefix=_text(row[11]),
-        list_cid_override=_text(row[12]),
+        state=text(row[10]),
+        list_dial_prefix=text(row[11]),
+        list_cid_override=text(row[12]),
     )
 
 
@@ -766,7 +759,7 @@ def _retry_refusal(conn: Connection, call: PlacedCall) -> str | None:
         call.caller_code,
     )
     if other is not None:
-        return f"the lead has another call in progress ({_text(other[0])})"
+        return f"the lead has another call in progress ({text(other[0])})"
     if _one(conn, "SELECT 1 FROM vicidial_hopper WHERE lead_id = %s LIMIT 1", call.lead_id):
         return "the lead is back in the hopper"
     return None

@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import pymysql.cursors
-
 from balancer.db.connection import Connection
+from balancer.db.rows import dict_rows
 
 
 @dataclass(frozen=True)
@@ -39,15 +38,9 @@ class CarrierRow:
     dialplan_entry: str
 
 
-def _rows(conn: Connection, sql: str, *params: object) -> list[dict[str, Any]]:
-    with conn.cursor(pymysql.cursors.DictCursor) as cur:
-        cur.execute(sql, params)
-        return list(cur.fetchall())
-
-
 def load_servers(conn: Connection) -> list[ServerRow]:
     """Every `servers` row (active or not: the registry decides)."""
-    rows = _rows(
+    rows = dict_rows(
         conn,
         "SELECT server_id, server_ip, active, active_asterisk_server, active_agent_login_server,"
         " telnet_host, telnet_port, ASTmgrUSERNAME, ASTmgrSECRET, max_vicidial_trunks,"
@@ -73,7 +66,7 @@ def load_servers(conn: Connection) -> list[ServerRow]:
 
 def load_carriers(conn: Connection) -> list[CarrierRow]:
     """Active `vicidial_server_carriers` rows."""
-    rows = _rows(
+    rows = dict_rows(
         conn,
         "SELECT carrier_id, server_ip, protocol, dialplan_entry FROM vicidial_server_carriers"
         " WHERE active = %s",
@@ -93,14 +86,14 @@ def load_carriers(conn: Connection) -> list[CarrierRow]:
 def load_phone_extensions(conn: Connection) -> dict[str, set[str]]:
     """server_ip -> extensions of the active phones registered there."""
     phones: dict[str, set[str]] = {}
-    for r in _rows(conn, "SELECT extension, server_ip FROM phones WHERE active = %s", "Y"):
+    for r in dict_rows(conn, "SELECT extension, server_ip FROM phones WHERE active = %s", "Y"):
         phones.setdefault(str(r["server_ip"]), set()).add(str(r["extension"]))
     return phones
 
 
 def load_updater_ages(conn: Connection) -> dict[str, float]:
     """server_ip -> seconds since its server_updater.last_update, by the database's own clock."""
-    rows = _rows(
+    rows = dict_rows(
         conn,
         "SELECT server_ip, TIMESTAMPDIFF(MICROSECOND, last_update, NOW(6)) / 1e6 AS age"
         " FROM server_updater",

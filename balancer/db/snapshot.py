@@ -17,6 +17,7 @@ from typing import Any
 
 from balancer.config import BalanceConfig
 from balancer.db.connection import Connection
+from balancer.db.rows import text
 from balancer.snapshot import CampaignInfo, DbSnapshot, ServerInfo, SystemSettings, TrunkRule
 
 log = logging.getLogger(__name__)
@@ -87,14 +88,6 @@ def _rows(conn: Connection, sql: str, params: Sequence[object] = ()) -> list[tup
         return list(cur.fetchall())
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
-
-
 def _int(value: Any, default: int) -> int:
     if value is None:
         return default
@@ -107,7 +100,7 @@ def _int(value: Any, default: int) -> int:
 def _offset(value: Any, server_ip: str) -> float:
     """servers.local_gmt ('-5.00') as hours; an unreadable value falls back to -5 (the default)."""
     try:
-        return float(Decimal(_text(value).strip()))
+        return float(Decimal(text(value).strip()))
     except (InvalidOperation, ValueError):
         log.warning("servers %s: local_gmt %r is not a number; using -5.00", server_ip, value)
         return -5.0
@@ -118,8 +111,8 @@ def _settings(row: tuple[Any, ...]) -> SystemSettings | None:
     if present is None:
         return None
     return SystemSettings(
-        outbound_autodial_active=_text(autodial) == "1",
-        disable_auto_dial=_text(disabled) == "1",
+        outbound_autodial_active=text(autodial) == "1",
+        disable_auto_dial=text(disabled) == "1",
         outbound_calls_per_second=_int(cps, 10),
     )
 
@@ -139,19 +132,19 @@ def _server(row: tuple[Any, ...]) -> ServerInfo:
         ata,
         gmt,
     ) = row
-    server_ip = _text(ip)
+    server_ip = text(ip)
     return ServerInfo(
         server_ip=server_ip,
-        server_id=_text(server_id),
-        active=_text(active) == "Y",
-        balance_active=_text(balance) == "Y",
+        server_id=text(server_id),
+        active=text(active) == "Y",
+        balance_active=text(balance) == "Y",
         rank=_int(rank, 0),
         max_trunks=_int(trunks, 23),
         offlimits=_int(offlimits, 0),
-        asterisk_version=_text(version),
-        routing_prefix=_text(prefix),
-        ext_context=_text(context),
-        answer_transfer_agent=_text(ata),
+        asterisk_version=text(version),
+        routing_prefix=text(prefix),
+        ext_context=text(context),
+        answer_transfer_agent=text(ata),
         local_gmt=_offset(gmt, server_ip),
     )
 
@@ -159,16 +152,16 @@ def _server(row: tuple[Any, ...]) -> ServerInfo:
 def _campaign(row: tuple[Any, ...]) -> CampaignInfo:
     (cid, active, timeout, prefix, ccid, exten, omit, priority, alt, custom) = row
     return CampaignInfo(
-        campaign_id=_text(cid),
-        active=_text(active) == "Y",
+        campaign_id=text(cid),
+        active=text(active) == "Y",
         dial_timeout=_int(timeout, 60),
-        dial_prefix=_text(prefix),  # '' stays '': the call writer applies VICIdial's '9'
-        campaign_cid=_text(ccid),
-        vdad_exten=_text(exten),
-        omit_phone_code=_text(omit) == "Y",
+        dial_prefix=text(prefix),  # '' stays '': the call writer applies VICIdial's '9'
+        campaign_cid=text(ccid),
+        vdad_exten=text(exten),
+        omit_phone_code=text(omit) == "Y",
         queue_priority=_int(priority, 50),
-        auto_alt_dial=_text(alt) or "NONE",
-        use_custom_cid=_text(custom) == "Y",
+        auto_alt_dial=text(alt) or "NONE",
+        use_custom_cid=text(custom) == "Y",
     )
 
 
@@ -182,26 +175,25 @@ def read_snapshot(conn: Connection, config: BalanceConfig) -> DbSnapshot:
     campaigns = {c.campaign_id: c for c in map(_campaign, _rows(conn, _CAMPAIGNS))}
     window_us = int(config.shortage_window_s * 1_000_000)
     shortages = {
-        (_text(camp), _text(ip)): _int(n, 0)
-        for camp, ip, n in _rows(conn, _SHORTAGES, (window_us,))
+        (text(camp), text(ip)): _int(n, 0) for camp, ip, n in _rows(conn, _SHORTAGES, (window_us,))
     }
     trunk_rules = tuple(
         TrunkRule(
-            server_ip=_text(ip),
-            campaign_id=_text(camp),
+            server_ip=text(ip),
+            campaign_id=text(camp),
             dedicated=_int(dedicated, 0),
-            maximum_limit=_text(restriction) == "MAXIMUM_LIMIT",
+            maximum_limit=text(restriction) == "MAXIMUM_LIMIT",
         )
         for ip, camp, dedicated, restriction in _rows(conn, _TRUNKS)
     )
     auto_calls = {
-        (_text(ip), _text(camp), _text(kind)): _int(n, 0)
+        (text(ip), text(camp), text(kind)): _int(n, 0)
         for ip, camp, kind, n in _rows(conn, _AUTO_CALLS)
     }
     live_agents = {
-        _text(camp): _int(n, 0) for camp, n in _rows(conn, _LIVE_AGENTS, _live_agent_params(config))
+        text(camp): _int(n, 0) for camp, n in _rows(conn, _LIVE_AGENTS, _live_agent_params(config))
     }
-    hopper_ready = {_text(camp): _int(n, 0) for camp, n in _rows(conn, _HOPPER)}
+    hopper_ready = {text(camp): _int(n, 0) for camp, n in _rows(conn, _HOPPER)}
     return DbSnapshot(
         taken_at=taken_at,
         settings=_settings(settings_row),
