@@ -119,13 +119,16 @@ class BalanceCycle:
         dedicated: dict[str, int] = {}
         for rule in snapshot.trunk_rules:
             dedicated[rule.server_ip] = dedicated.get(rule.server_ip, 0) + rule.dedicated
+        # OUTBALANCE calls per server, already there plus placed now: one pass over each source.
+        outbalance_on: dict[str, int] = {}
+        for (ip, _, kind), n in snapshot.auto_calls.items():
+            if kind == OUTBALANCE:
+                outbalance_on[ip] = outbalance_on.get(ip, 0) + n
+        for (_, ip), n in placed.items():
+            outbalance_on[ip] = outbalance_on.get(ip, 0) + n
         servers = []
         for server_ip, server in sorted(snapshot.servers.items()):
-            outbalance = sum(
-                n
-                for (ip, _, kind), n in snapshot.auto_calls.items()
-                if ip == server_ip and kind == OUTBALANCE
-            ) + sum(n for (_, ip), n in placed.items() if ip == server_ip)
+            outbalance = outbalance_on.get(server_ip, 0)
             servers.append(
                 {
                     "server_ip": server_ip,

@@ -106,6 +106,11 @@ async def test_shortage_filled_on_the_other_servers_and_converges(
         assert cluster[0].trunk_lines_in_use() == 0
         fill = fetchall(db, "SELECT balance_trunk_fill FROM vicidial_campaign_stats")
         assert fill == [{"balance_trunk_fill": 8}]
+        # What status shows per server: the OUTBALANCE calls the database holds.
+        assert daemon.cycle is not None and daemon.last_cycle is not None
+        summary = daemon.cycle.summary(daemon.last_cycle)
+        shown = {s["server_ip"]: s["outbalance_calls"] for s in summary["servers"]}  # type: ignore[index, union-attr]
+        assert shown == {ip: by_server.get(ip, 0) for ip in IPS}
     assert_consistent(db)
 
 
