@@ -31,12 +31,12 @@ from balancer.db import schema
 from balancer.db.connection import Connection, connect
 from balancer.db.url import DatabaseUrl
 from balancer.errors import ConfigError
+from balancer.live.status import build_status, render_table
 from balancer.sim.model import SimCarrier
 from balancer.sim.seed import SeedCampaign, SeedServer, seed_campaigns, seed_servers
 from balancer.sim.sender import CommandSender
 from balancer.sim.server import SimAsterisk
 from balancer.sim.traffic import run_traffic
-from balancer.status import build_status, render_table
 from balancer.store.base import Health
 
 CARRIERS = (SimCarrier("alpha", "9"), SimCarrier("beta", "8", technology="PJSIP"))

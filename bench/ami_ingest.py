@@ -29,11 +29,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from balancer.ami.session import AmiEndpoint, AmiSession
+from balancer.ami.endpoint import AmiEndpoint
+from balancer.ami.session import AmiSession
 from balancer.config import AmiConfig, HealthConfig
+from balancer.live.tracker import Classifier, Tracker
 from balancer.store.base import Channel, ServerMeta
 from balancer.store.redis import RedisStore
-from balancer.tracker import Classifier, Tracker
 
 SAMPLE_EVERY = 50
 LIVE_PER_SERVER = 150  # channels left alive at the end of each server's blast

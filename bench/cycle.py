@@ -61,16 +61,16 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from balancer.balance.executor import Executor
+from balancer.balance.model import Plan
+from balancer.balance.planner import plan_cycle
 from balancer.config import BalanceConfig
 from balancer.db.connection import Connection, connect, connect_server
 from balancer.db.schema import install
 from balancer.db.snapshot import read_snapshot
 from balancer.db.url import DatabaseUrl, parse_database_url
 from balancer.db.worker import DbWorker
-from balancer.executor import Executor
-from balancer.planner import plan_cycle
 from balancer.sim.seed import SeedCampaign, SeedServer, seed_campaigns, seed_servers
-from balancer.snapshot import Plan
 
 T = TypeVar("T")
 DEFAULT_URL = "mysql://vbtest:vbtest@127.0.0.1:3306/vb_bench_cycle"

@@ -7,10 +7,10 @@ from typing import Any
 
 from conftest import execute, fetchall
 
+from balancer.balance.model import DbSnapshot
 from balancer.config import BalanceConfig
 from balancer.db.connection import Connection
 from balancer.db.snapshot import read_snapshot
-from balancer.snapshot import DbSnapshot
 
 # The instant of VICIDIAL.md's example: MMDDhhmmss 0122135456 -> caller code V122135456...
 EXAMPLE_NOW = datetime(2024, 1, 22, 13, 54, 56)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balancer.agents import (
+from balancer.agents.choice import (
     AgentTables,
     Assignment,
     FlagAction,

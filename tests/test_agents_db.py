@@ -13,16 +13,13 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import execute, fetchall
 
-from balancer.cli import main
-from balancer.cli_agents import register
+from balancer.cli.app import main
 from balancer.db import agents as db_agents
 from balancer.db.connection import Connection
 from balancer.db.url import DatabaseUrl
 from balancer.errors import BalancerError
 from balancer.store.base import Channel, ChannelClass, Health, ServerMeta
 from balancer.store.redis import RedisStore
-
-register(main)
 
 PREFIX = "vbagents:"
 REPO = Path(__file__).resolve().parents[1]
@@ -435,23 +432,11 @@ def test_drain_and_undrain_by_ip_or_id(
     assert asyncio.run(drained_in_store(redis_db)) == set()
 
 
-ENTRY = """\
-import balancer.cli
-import balancer.cli_agents
-
-if "drain" not in balancer.cli.main.commands:
-    balancer.cli_agents.register(balancer.cli.main)
-balancer.cli.main()
-"""
-
-
 def run_cli(tmp_path: Path, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    entry = tmp_path / "vb_entry.py"
-    entry.write_text(ENTRY)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("VICI_BALANCER_CONFIG", None)
     return subprocess.run(
-        [sys.executable, str(entry), "--config", str(config), *args],
+        [sys.executable, "-m", "balancer.cli", "--config", str(config), *args],
         capture_output=True,
         text=True,
         timeout=30,

@@ -14,19 +14,12 @@ import pytest
 from balance_seed import CALL_TABLES, EXAMPLE_NOW
 from conftest import execute, fetchall
 
-from balancer.db.calls import (
-    CallResult,
-    CycleContext,
-    Decision,
-    Unrouted,
-    finish_cycle,
-    log_decisions,
-    place_call,
-)
+from balancer.balance.fields import caller_code, dial_prefix, next_called_since_last_reset
+from balancer.carriers.routing import CarrierPick, NoCarrier
+from balancer.db.calls import CallResult, CycleContext, Unrouted, place_call
 from balancer.db.connection import Connection, connect
+from balancer.db.cycle_log import Decision, finish_cycle, log_decisions
 from balancer.db.url import DatabaseUrl
-from balancer.routing import CarrierPick, NoCarrier
-from balancer.vicidial_fields import caller_code, dial_prefix, next_called_since_last_reset
 
 CODE = "V1221354560000100001"  # VICIDIAL.md's example caller code
 

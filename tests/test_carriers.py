@@ -17,9 +17,12 @@ from click.testing import CliRunner
 from conftest import execute, fetchall
 
 from balancer.ami.codec import MessageReader
-from balancer.carriers import CarrierHealth
-from balancer.cli import main
-from balancer.cli_routes import register, render_routes
+from balancer.balance.model import CampaignInfo, ServerInfo
+from balancer.carriers.failover import FailedCall, Failover
+from balancer.carriers.health import CarrierHealth
+from balancer.carriers.routing import BreakerState, CarrierPick, NoCarrier, PlacedCall
+from balancer.carriers.view import render_routes
+from balancer.cli.app import main
 from balancer.config import (
     CarrierConfig,
     HealthConfig,
@@ -27,17 +30,15 @@ from balancer.config import (
     RouteConfig,
     RoutingConfig,
 )
-from balancer.db.calls import CallResult, CycleContext, RetrySkipped, place_call, replace_call
+from balancer.db.calls import CallResult, CycleContext, place_call
 from balancer.db.connection import Connection
-from balancer.db.queries import CarrierRow
+from balancer.db.records import CarrierRow
+from balancer.db.retries import RetrySkipped, replace_call
 from balancer.db.worker import DbWorker
-from balancer.failover import FailedCall, Failover
-from balancer.routing import BreakerState, CarrierPick, NoCarrier, PlacedCall
-from balancer.snapshot import CampaignInfo, ServerInfo
+from balancer.live.tracker import TRACKED_EVENTS, Classifier, Tracker
 from balancer.store.base import Channel, ChannelClass, ServerMeta
 from balancer.store.memory import MemoryStore
 from balancer.store.redis import RedisStore
-from balancer.tracker import TRACKED_EVENTS, Classifier, Tracker
 
 A, B, C = "10.0.0.1", "10.0.0.2", "10.0.0.3"
 CODE = "V1221354560000100001"
@@ -598,7 +599,6 @@ def test_render_routes_shows_states_ratio_lines_and_changes() -> None:
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> Any:
-    register(main)
     return CliRunner().invoke(main, args, env=env, catch_exceptions=False)
 
 

@@ -11,16 +11,13 @@ import pytest_asyncio
 from click.testing import CliRunner, Result
 from tracking_helpers import seed_server
 
-from balancer.ami.session import AmiEndpoint
-from balancer.checks import CheckResult, check_ami_login
-from balancer.cli import main
-from balancer.cli_check import register
+from balancer.ami.endpoint import AmiEndpoint
+from balancer.cli.app import main
 from balancer.config import ENV_AMI_SECRET, ENV_DATABASE_URL, ENV_REDIS_URL, AmiConfig
 from balancer.db.connection import Connection
 from balancer.db.url import DatabaseUrl
+from balancer.ops.checks import CheckResult, check_ami_login
 from balancer.sim.server import SimAsterisk
-
-register(main)  # a no-op once cli.py registers it itself
 
 AMI_SECRET = "ami-Secret-7f3a"
 WRONG_SECRET = "wrong-Secret-9z"

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from fixtures_sim import RawAmiClient
 from tracking_helpers import seed_phones, seed_server
 
-from balancer.cli import main
+from balancer.cli.app import main
 from balancer.db.connection import Connection, connect, connect_server
 from balancer.db.url import DatabaseUrl
 from balancer.sim.server import SimAsterisk

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from balancer.astguiclient import parse_astguiclient
-from balancer.cli import main
+from balancer.cli.app import main
 from balancer.config import (
     HostPort,
     RoutingConfig,

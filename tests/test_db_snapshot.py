@@ -7,10 +7,10 @@ from datetime import datetime, timedelta
 import balance_seed as seed
 from conftest import execute, fetchall
 
+from balancer.balance.model import CampaignInfo, ServerInfo, SystemSettings, TrunkRule
 from balancer.config import BalanceConfig
 from balancer.db.connection import Connection
 from balancer.db.snapshot import StatementCounter, read_snapshot
-from balancer.snapshot import CampaignInfo, ServerInfo, SystemSettings, TrunkRule
 
 
 def _seed_cluster(db: Connection) -> None:

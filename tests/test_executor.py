@@ -12,13 +12,13 @@ import pytest
 from conftest import execute, fetchall
 from fixtures_sim import SimFactory
 
+from balancer.balance.executor import LOST_LEADERSHIP, ExecutionReport, Executor
+from balancer.balance.model import CampaignPlan, DbSnapshot, Placement, Plan, Skip
+from balancer.carriers.routing import CarrierPick, NoCarrier, PlacedCall
 from balancer.db.connection import Connection
 from balancer.db.url import DatabaseUrl
 from balancer.db.worker import DbWorker
-from balancer.executor import LOST_LEADERSHIP, ExecutionReport, Executor
-from balancer.routing import CarrierPick, NoCarrier, PlacedCall
 from balancer.sim import CommandSender
-from balancer.snapshot import CampaignPlan, DbSnapshot, Placement, Plan, Skip
 
 
 @pytest.fixture

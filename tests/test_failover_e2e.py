@@ -18,11 +18,11 @@ import pytest_asyncio
 from conftest import execute, fetchall
 from tracking_helpers import eventually, health_is, make_config, running
 
+from balancer.carriers.routing import BreakerState
 from balancer.config import BalanceConfig, CarrierConfig, Config, RouteConfig, RoutingConfig
 from balancer.daemon import Daemon
 from balancer.db.connection import Connection
 from balancer.db.url import DatabaseUrl
-from balancer.routing import BreakerState
 from balancer.sim.model import SimCarrier
 from balancer.sim.seed import SeedCampaign, SeedServer, seed_campaigns, seed_servers
 from balancer.sim.sender import CommandSender

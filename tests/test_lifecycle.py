@@ -15,9 +15,10 @@ import pytest_asyncio
 from tracking_helpers import eventually, health_is, seed_server
 
 from balancer.config import load_config
-from balancer.daemon import Daemon, serve_until_signalled
+from balancer.daemon import Daemon
 from balancer.db.connection import Connection
 from balancer.db.url import DatabaseUrl
+from balancer.lifecycle import serve_until_signalled
 from balancer.sim.server import SimAsterisk
 from balancer.store.base import Health
 

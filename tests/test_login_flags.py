@@ -12,14 +12,14 @@ import pytest_asyncio
 from conftest import execute, fetchall
 from tracking_helpers import FAST_HEALTH, eventually, health_is, make_config, running, seed_server
 
-from balancer.agents import FlagAction, FlagChange
+from balancer.agents.choice import FlagAction, FlagChange
+from balancer.agents.login_flags import LoginFlagKeeper, flag_settings
 from balancer.config import AgentsConfig, Config, HealthConfig
 from balancer.daemon import Daemon
 from balancer.db import agents as db_agents
 from balancer.db.connection import Connection
 from balancer.db.url import DatabaseUrl
 from balancer.db.worker import DbWorker
-from balancer.login_flags import LoginFlagKeeper, flag_settings
 from balancer.sim.server import SimAsterisk
 from balancer.store.base import Health, ServerMeta, StateStore
 from balancer.store.memory import MemoryStore

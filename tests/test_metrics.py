@@ -19,22 +19,22 @@ import pytest
 import pytest_asyncio
 from tracking_helpers import eventually, health_is, make_config, running, seed_phones, seed_server
 
+from balancer.balance.executor import ExecutionReport
 from balancer.config import HostPort
 from balancer.daemon import Daemon
 from balancer.db.calls import CallResult
 from balancer.db.connection import Connection
 from balancer.db.url import DatabaseUrl
 from balancer.errors import BalancerError
-from balancer.executor import ExecutionReport
-from balancer.metrics import (
+from balancer.ops.metrics import (
     CONTENT_TYPE,
     EventRate,
     Histogram,
-    MetricsServer,
     escape_label,
     format_value,
     render,
 )
+from balancer.ops.metrics_http import MetricsServer
 from balancer.sim.server import SimAsterisk
 from balancer.store.base import Health, ServerMeta
 from balancer.store.memory import MemoryStore

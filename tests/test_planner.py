@@ -13,9 +13,7 @@ from datetime import datetime
 
 import pytest
 
-from balancer.config import BalanceConfig
-from balancer.planner import plan_cycle
-from balancer.snapshot import (
+from balancer.balance.model import (
     CampaignInfo,
     CampaignPlan,
     DbSnapshot,
@@ -25,6 +23,8 @@ from balancer.snapshot import (
     SystemSettings,
     TrunkRule,
 )
+from balancer.balance.planner import plan_cycle
+from balancer.config import BalanceConfig
 from balancer.store.base import Health
 
 SHORT = "10.0.0.1"  # reports the shortage; not in the servers table unless a test adds it

@@ -14,9 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balancer.config import BalanceConfig
-from balancer.planner import plan_cycle
-from balancer.snapshot import (
+from balancer.balance.model import (
     CampaignInfo,
     DbSnapshot,
     LiveServer,
@@ -25,6 +23,8 @@ from balancer.snapshot import (
     SystemSettings,
     TrunkRule,
 )
+from balancer.balance.planner import plan_cycle
+from balancer.config import BalanceConfig
 from balancer.store.base import Health
 
 # Text order differs from numeric order here on purpose ('10.10.0.10' < '10.10.0.9').

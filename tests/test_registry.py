@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 
 from balancer.config import AmiConfig, AmiServerOverride, CarrierConfig, HealthConfig, HostPort
-from balancer.db.queries import CarrierRow, ServerRow
-from balancer.health import effective_health
-from balancer.registry import Registry, RowProblem, WatchedServer, resolve, trunk_names
+from balancer.db.records import CarrierRow, ServerRow
+from balancer.live.health import effective_health
+from balancer.live.registry import Registry, RowProblem, WatchedServer, resolve, trunk_names
 from balancer.store.base import Health
 
 ROW = ServerRow(

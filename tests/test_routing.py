@@ -12,10 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balancer.carriers import CarrierHealth
-from balancer.config import CarrierConfig, RouteConfig, RoutingConfig
-from balancer.db.queries import CarrierRow
-from balancer.routing import (
+from balancer.balance.model import CampaignInfo, ServerInfo
+from balancer.carriers.health import CarrierHealth
+from balancer.carriers.routing import (
     Breaker,
     BreakerState,
     CarrierPick,
@@ -26,7 +25,8 @@ from balancer.routing import (
     choose_carrier,
     classify_cause,
 )
-from balancer.snapshot import CampaignInfo, ServerInfo
+from balancer.config import CarrierConfig, RouteConfig, RoutingConfig
+from balancer.db.records import CarrierRow
 from balancer.store.base import Channel, ChannelClass
 
 

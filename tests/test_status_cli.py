@@ -9,8 +9,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from balancer.cli import main
-from balancer.status import build_status, render_table
+from balancer.cli.app import main
+from balancer.live.status import build_status, render_table
 from balancer.store.base import Channel, ChannelClass, Health, ServerMeta
 from balancer.store.memory import MemoryStore
 from balancer.store.redis import RedisStore

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from balancer.config import RedisConfig
 from balancer.errors import StoreError
-from balancer.store import open_store
 from balancer.store.base import Channel, ChannelClass, Health, ServerMeta, StateStore
+from balancer.store.factory import open_store
 from balancer.store.keys import Keys
 from balancer.store.memory import MemoryStore
 from balancer.store.redis import RedisStore, decode_channel, encode_channel

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from balancer.config import HealthConfig
+from balancer.live.tracker import Classifier, Tracker
 from balancer.store.base import ChannelClass, Health, ServerMeta
 from balancer.store.memory import MemoryStore
-from balancer.tracker import Classifier, Tracker
 
 IP = "10.10.0.1"
 

@@ -31,8 +31,8 @@ from balancer.db.connection import Connection
 from balancer.db.url import DatabaseUrl
 from balancer.sim.model import SimCarrier
 from balancer.sim.server import SimAsterisk
-from balancer.store import open_store
 from balancer.store.base import ChannelClass, Health, StateStore
+from balancer.store.factory import open_store
 
 CARRIERS = [SimCarrier("alpha", "9"), SimCarrier("beta", "8", technology="PJSIP")]
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from balancer.agents import (
+from balancer.agents.choice import (
     AgentTables,
     FlagChange,
     FlagSettings,

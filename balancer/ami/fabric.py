@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from balancer.ami.session import AmiEndpoint, AmiMessage, AmiSession, SessionListener
+from balancer.ami.endpoint import AmiEndpoint
+from balancer.ami.session import AmiMessage, AmiSession, SessionListener
 from balancer.config import AmiConfig, HealthConfig
 from balancer.errors import AmiError
 

@@ -21,7 +21,6 @@ import os
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from panoramisk.actions import Action
@@ -30,6 +29,7 @@ from panoramisk.message import Message
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from balancer.ami.codec import MessageReader
+from balancer.ami.endpoint import AmiEndpoint
 from balancer.config import AmiConfig, HealthConfig
 from balancer.errors import AmiError, AmiProtocolError
 from balancer.store.base import Health
@@ -39,22 +39,6 @@ log = logging.getLogger(__name__)
 AmiMessage = dict[str, str]
 # Tests set this so that code under test can never dial anything but loopback.
 LOOPBACK_ONLY_ENV = "VICI_BALANCER_LOOPBACK_ONLY"
-
-
-@dataclass(frozen=True)
-class AmiEndpoint:
-    """Where and how to log in to one server's AMI; the secret never shows in repr."""
-
-    server_ip: str
-    host: str
-    port: int
-    username: str
-    secret: str = field(repr=False)
-    server_id: str = ""
-
-    @property
-    def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 class SessionListener(Protocol):

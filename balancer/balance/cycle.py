@@ -13,12 +13,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from balancer.balance.executor import ExecutionReport, Executor
+from balancer.balance.model import OUTBALANCE, DbSnapshot, LiveServer, Plan
+from balancer.balance.planner import plan_cycle
 from balancer.config import Config
 from balancer.db.snapshot import read_snapshot
 from balancer.db.worker import DbWorker
-from balancer.executor import ExecutionReport, Executor
-from balancer.planner import plan_cycle
-from balancer.snapshot import OUTBALANCE, DbSnapshot, LiveServer, Plan
 from balancer.store.base import ChannelClass, Health, StateStore
 
 log = logging.getLogger(__name__)

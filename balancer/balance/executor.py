@@ -10,8 +10,8 @@ is taken off the next wait, so the rate holds the configured calls per second. A
 starts more than one pace behind its slot (a slow transaction) restarts the schedule instead of
 bursting to catch up: the rate never exceeds the limit.
 
-With a call router (carrier routing, balancer/carriers.py) every call's carrier is chosen inside
-its transaction, on the event loop like the fence (carrier health lives there). A call no
+With a call router (carrier routing, balancer/carriers/health.py) every call's carrier is chosen
+inside its transaction, on the event loop like the fence (carrier health lives there). A call no
 carrier can take on its planned server may go to another server the plan gives the same
 campaign calls, if that server has lines to spare by the planner's own rules; a lead no carrier
 can take anywhere stays in the hopper, and the decision log says why.
@@ -31,23 +31,20 @@ from typing import TypeVar
 
 import pymysql
 
+from balancer.balance.model import DbSnapshot, Placement, Plan
+from balancer.balance.rules import Counts, allowed_lines, free_lines
+from balancer.carriers.routing import CallRouter, CarrierPick, NoCarrier, PlacedCall
 from balancer.db.calls import (
     CallResult,
     Chooser,
     CycleContext,
-    Decision,
     Unrouted,
     UnroutedLead,
-    details,
-    finish_cycle,
-    log_decisions,
     place_call,
 )
+from balancer.db.cycle_log import Decision, details, finish_cycle, log_decisions
 from balancer.db.worker import DbWorker
 from balancer.errors import DatabaseError
-from balancer.planner_rules import Counts, allowed_lines, free_lines
-from balancer.routing import CallRouter, CarrierPick, NoCarrier, PlacedCall
-from balancer.snapshot import DbSnapshot, Placement, Plan
 
 log = logging.getLogger(__name__)
 

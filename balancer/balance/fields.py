@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 
-from balancer.snapshot import CampaignInfo, ServerInfo
+from balancer.balance.model import CampaignInfo, ServerInfo
 
 NON_DIGITS = re.compile(r"\D")
 _LEADING_DIGITS = re.compile(r"\d+")

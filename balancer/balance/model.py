@@ -1,6 +1,6 @@
 """The balance engine's inputs and outputs as plain data (no I/O): the contract between the DB
-snapshot reader (`balancer/db/snapshot.py`), the pure planner (`balancer/planner.py`) and the
-executor (`balancer/executor.py`).
+snapshot reader (`balancer/db/snapshot.py`), the pure planner (`balancer/balance/planner.py`)
+and the executor (`balancer/balance/executor.py`).
 
 Names follow VICIdial's tables (see shared VICIDIAL.md); values are already typed and cleaned
 (ENUM 'Y'/'N' -> bool, numbers -> int) by the reader.

@@ -12,17 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from balancer.config import BalanceConfig
-from balancer.planner_rules import (
-    Counts,
-    allowed_lines,
-    balance_active,
-    exclusion,
-    free_lines,
-    pace_ms,
-    stop_reason,
-)
-from balancer.snapshot import (
+from balancer.balance.model import (
     CampaignPlan,
     DbSnapshot,
     LiveServer,
@@ -31,6 +21,16 @@ from balancer.snapshot import (
     ServerInfo,
     Skip,
 )
+from balancer.balance.rules import (
+    Counts,
+    allowed_lines,
+    balance_active,
+    exclusion,
+    free_lines,
+    pace_ms,
+    stop_reason,
+)
+from balancer.config import BalanceConfig
 
 MODES = ("live", "faithful")
 NO_AGENT = "but no live agent that is not PAUSED"  # rule 4: such a campaign dials nothing

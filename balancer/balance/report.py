@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from balancer.cycle import CycleResult
+from balancer.balance.cycle import CycleResult
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,7 +1,7 @@
 """The per-server arithmetic of VICIdial's balance (FILL) process, as pure functions.
 
 Rule numbers cite "The balance (FILL) algorithm VICIdial runs today" in the shared VICIDIAL.md.
-`balancer/planner.py` strings these together into a plan.
+`balancer/balance/planner.py` strings these together into a plan.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from balancer.snapshot import OUTBALANCE, DbSnapshot, LiveServer, ServerInfo, SystemSettings
+from balancer.balance.model import OUTBALANCE, DbSnapshot, LiveServer, ServerInfo, SystemSettings
 from balancer.store.base import Health
 
 DEFAULT_PACE_MS = 25.0  # rule 5: VICIdial's pace when the configured rate is out of range

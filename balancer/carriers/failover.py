@@ -34,13 +34,15 @@ from datetime import datetime
 
 import pymysql
 
-from balancer.carriers import UP_STATE, CarrierHealth, caller_code_in, dial_timeout_s
+from balancer.balance.executor import Fence
+from balancer.carriers.health import UP_STATE, CarrierHealth, caller_code_in, dial_timeout_s
+from balancer.carriers.routing import CarrierPick, Outcome, PlacedCall, classify_cause
 from balancer.config import RoutingConfig
-from balancer.db.calls import CallResult, Decision, details, log_decisions, replace_call
+from balancer.db.calls import CallResult
+from balancer.db.cycle_log import Decision, details, log_decisions
+from balancer.db.retries import replace_call
 from balancer.db.worker import DbWorker
 from balancer.errors import DatabaseError
-from balancer.executor import Fence
-from balancer.routing import CarrierPick, Outcome, PlacedCall, classify_cause
 from balancer.store.base import Channel
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Carrier health from AMI: breakers per carrier and per (carrier, server), lines, the chooser.
 
-`CarrierHealth` is a tracker listener (balancer/tracker.py) and the executor's call router
-(balancer/routing.py `CallRouter`). Every event handler is O(1): a dict lookup or two, one
+`CarrierHealth` is a tracker listener (balancer/live/tracker.py) and the executor's call router
+(balancer/carriers/routing.py `CallRouter`). Every event handler is O(1): a dict lookup or two, one
 window append, one breaker step.
 
 What it reads:
@@ -34,10 +34,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from balancer.config import CarrierConfig, RouteConfig, RoutingConfig
-from balancer.db.queries import CarrierRow
-from balancer.errors import BalancerError
-from balancer.routing import (
+from balancer.carriers.routing import (
     Breaker,
     BreakerState,
     CarrierPick,
@@ -49,6 +46,9 @@ from balancer.routing import (
     classify_cause,
     match_keys,
 )
+from balancer.config import CarrierConfig, RouteConfig, RoutingConfig
+from balancer.db.records import CarrierRow
+from balancer.errors import BalancerError
 from balancer.store.base import Channel, ChannelClass, StateStore
 from balancer.store.keys import ROUTES_DOCUMENT
 
@@ -263,7 +263,7 @@ class CarrierHealth:
 
     def states(self) -> list[tuple[str, str | None, str]]:
         """(carrier, server_ip or None for carrier-wide, breaker state) of every breaker, for
-        the metrics (balancer/metrics.py reads ``daemon.carrier_health.states()``)."""
+        the metrics (balancer/ops/metrics.py reads ``daemon.carrier_health.states()``)."""
         rows: list[tuple[str, str | None, str]] = []
         for carrier_id in sorted(self.carriers):
             rows.append((carrier_id, None, str(self.state(carrier_id))))

@@ -1,8 +1,8 @@
 """Carrier routing, pure: route matching, weighted choice among equals, the circuit breaker.
 
 No I/O here. The clock (breaker) and the random source (weighted choice) are injected, so every
-decision can be replayed in a test. `balancer/carriers.py` feeds these from AMI events;
-`balancer/failover.py` re-places calls that failed on a trunk.
+decision can be replayed in a test. `balancer/carriers/health.py` feeds these from AMI events;
+`balancer/carriers/failover.py` re-places calls that failed on a trunk.
 
 Hangup causes are classified as in the shared DESIGN.md ("Hangup causes"): trunk failures count
 against a carrier, called-party outcomes (busy, no answer, normal clearing) count FOR it (the
@@ -19,8 +19,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
+from balancer.balance.model import CampaignInfo, ServerInfo
 from balancer.config import CarrierConfig, RouteConfig, RoutingConfig
-from balancer.snapshot import CampaignInfo, ServerInfo
 
 # Asterisk hangup causes (DESIGN.md "Hangup causes").
 TRUNK_FAILURE_CAUSES = frozenset({27, 34, 38, 41, 42, 58, 102, 127})

@@ -1,8 +1,8 @@
 """SQL for agent phones and login flags: phones/aliases, live agents, conferences, flags, decisions.
 
-Reads take a connection and return the plain records of `balancer.agents`. Every flag write is
-one transaction that re-checks, under a row lock, the condition the decision was made on: so two
-keepers (or a keeper and an admin) racing on one server can never close an admin's 'N' or
+Reads take a connection and return the plain records of `balancer.agents.choice`. Every flag
+write is one transaction that re-checks, under a row lock, the condition the decision was made
+on: so two keepers (or a keeper and an admin) racing on one server can never close an admin's 'N' or
 re-open a flag the balancer does not hold.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from balancer.agents import (
+from balancer.agents.choice import (
     AgentTables,
     FlagAction,
     FlagChange,

@@ -6,36 +6,9 @@ records, with no interpretation beyond types (that is the registry's job).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 from balancer.db.connection import Connection
+from balancer.db.records import CarrierRow, ServerRow
 from balancer.db.rows import dict_rows
-
-
-@dataclass(frozen=True)
-class ServerRow:
-    """One `servers` row, as stored (strings may be empty or invalid; the registry validates)."""
-
-    server_id: str
-    server_ip: str
-    active: str
-    active_asterisk_server: str
-    active_agent_login_server: str
-    telnet_host: str
-    telnet_port: Any
-    username: str
-    secret: str
-    max_vicidial_trunks: Any
-    asterisk_version: str
-
-
-@dataclass(frozen=True)
-class CarrierRow:
-    carrier_id: str
-    server_ip: str
-    protocol: str
-    dialplan_entry: str
 
 
 def load_servers(conn: Connection) -> list[ServerRow]:

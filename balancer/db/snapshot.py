@@ -15,10 +15,10 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from balancer.balance.model import CampaignInfo, DbSnapshot, ServerInfo, SystemSettings, TrunkRule
 from balancer.config import BalanceConfig
 from balancer.db.connection import Connection
 from balancer.db.rows import text
-from balancer.snapshot import CampaignInfo, DbSnapshot, ServerInfo, SystemSettings, TrunkRule
 
 log = logging.getLogger(__name__)
 

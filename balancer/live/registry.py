@@ -12,9 +12,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from balancer.ami.session import AmiEndpoint
+from balancer.ami.endpoint import AmiEndpoint
 from balancer.config import AmiConfig, CarrierConfig, is_ipv4
-from balancer.db.queries import CarrierRow, ServerRow
+from balancer.db.records import CarrierRow, ServerRow
 
 log = logging.getLogger(__name__)
 

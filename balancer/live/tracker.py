@@ -20,7 +20,7 @@ from typing import Protocol
 
 from balancer.config import HealthConfig
 from balancer.errors import BalancerError
-from balancer.health import effective_health
+from balancer.live.health import effective_health
 from balancer.store.base import Channel, ChannelClass, Health, ServerMeta, StateStore
 
 log = logging.getLogger(__name__)

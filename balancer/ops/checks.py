@@ -19,14 +19,15 @@ from dataclasses import dataclass
 import pymysql
 
 from balancer.ami.codec import Message, MessageReader, encode
-from balancer.ami.session import LOOPBACK_ONLY_ENV, AmiEndpoint, is_loopback
+from balancer.ami.endpoint import AmiEndpoint
+from balancer.ami.session import LOOPBACK_ONLY_ENV, is_loopback
 from balancer.config import AmiConfig, Config
-from balancer.db import queries, schema
+from balancer.db import queries, records, schema
 from balancer.db.connection import connect
 from balancer.db.url import DatabaseUrl
 from balancer.errors import AmiProtocolError, BalancerError
-from balancer.registry import RowProblem, resolve
-from balancer.store import open_store
+from balancer.live.registry import RowProblem, resolve
+from balancer.store.factory import open_store
 
 STORE_TIMEOUT_S = 5.0
 AMI_PARALLEL = 20  # logins at once; a big cluster is still checked in a few seconds
@@ -67,7 +68,7 @@ def check_config(config: Config) -> CheckResult:
 @dataclass(frozen=True)
 class _MysqlOutcome:
     problems: list[schema.SchemaProblem]
-    servers: list[queries.ServerRow] | None
+    servers: list[records.ServerRow] | None
     error: str | None
 
 
@@ -77,7 +78,7 @@ def _mysql_work(url: DatabaseUrl, timeout_s: float) -> _MysqlOutcome:
     try:
         problems = schema.check(conn)
         try:
-            servers: list[queries.ServerRow] | None = queries.load_servers(conn)
+            servers: list[records.ServerRow] | None = queries.load_servers(conn)
             error = None
         except pymysql.MySQLError as exc:
             servers = None
@@ -87,7 +88,7 @@ def _mysql_work(url: DatabaseUrl, timeout_s: float) -> _MysqlOutcome:
         conn.close()
 
 
-async def check_mysql(config: Config) -> tuple[CheckResult, list[queries.ServerRow] | None]:
+async def check_mysql(config: Config) -> tuple[CheckResult, list[records.ServerRow] | None]:
     """Connect and run schema.check; the result and, when readable, the servers rows."""
     url = config.database.url
     try:
@@ -277,7 +278,7 @@ async def check_ami_login(endpoint: AmiEndpoint, ami: AmiConfig) -> CheckResult:
     return CheckResult("ami", True, f"{target} (logged in, AMI {version}, {count})")
 
 
-async def check_ami(config: Config, rows: list[queries.ServerRow] | None) -> list[CheckResult]:
+async def check_ami(config: Config, rows: list[records.ServerRow] | None) -> list[CheckResult]:
     """One result per active Asterisk server (addresses resolved as the registry does)."""
     if rows is None:
         return [CheckResult("ami", False, "skipped: the servers table could not be read")]
@@ -292,7 +293,7 @@ async def check_ami(config: Config, rows: list[queries.ServerRow] | None) -> lis
         ]
     limit = asyncio.Semaphore(AMI_PARALLEL)
 
-    async def one(row: queries.ServerRow) -> CheckResult:
+    async def one(row: records.ServerRow) -> CheckResult:
         resolved = resolve(row, config.ami)
         if isinstance(resolved, RowProblem):
             return CheckResult(

@@ -1,7 +1,8 @@
 """Prometheus metrics: a dependency-free text exposition (format 0.0.4) over a tiny HTTP server.
 
-Pull model: nothing on the hot paths counts for us. At scrape time `render(daemon)` reads the
-daemon's live objects (tracker, fabric sessions, leadership, the balance cycle's counters) and,
+Pull model: nothing on the hot paths counts for us. At scrape time `render(source)` reads the
+daemon's live objects through `MetricsSource` (a protocol the daemon satisfies; this module never
+imports the daemon) (tracker, fabric sessions, leadership, the balance cycle's counters) and,
 for line counts, the state store. The two things that cannot be read back later are recorded as
 they happen by small objects defined here: `CycleStats` (the balance cycle's durations and calls
 placed, fed one `CycleResult` per cycle by the daemon) and `EventRate` (a rolling events/s
@@ -13,31 +14,30 @@ Optional inputs found on the daemon with getattr, so this module works before th
                         state)]``; state is one of BREAKER_STATES (others are shown as given).
                         Without it no breaker metrics are rendered.
 
-The HTTP side answers GET (and HEAD) /metrics with 200, any other path with 404, any other
-method with 405, and a request it cannot parse with 400. Requests are bounded in size, time and
-concurrency, and each connection is closed after its answer, so a broken or slow client cannot
-hold the event loop or the server.
+The HTTP side lives in `balancer/ops/metrics_http.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from balancer import __version__
-from balancer.config import HostPort
 from balancer.errors import BalancerError
 from balancer.store.base import ChannelClass, Health, ServerState
 
 if TYPE_CHECKING:
-    from balancer.cycle import CycleResult
-    from balancer.daemon import Daemon
+    from balancer.ami.fabric import Fabric
+    from balancer.balance.cycle import BalanceCycle, CycleResult
+    from balancer.balance.leader import Leadership
+    from balancer.config import Config
+    from balancer.live.tracker import Tracker
+    from balancer.store.base import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,45 @@ STORE_READ_TIMEOUT_S = 2.0
 
 Labels = Mapping[str, str]
 Sample = tuple[str, Labels, float]  # (full metric name, labels, value)
+
+
+# --------------------------------------------------------------------------- what is read
+
+
+class DaemonCounters(Protocol):
+    """The daemon's own totals a scrape shows."""
+
+    @property
+    def started_at(self) -> float: ...  # monotonic seconds
+    @property
+    def snapshots(self) -> int: ...
+    @property
+    def snapshot_failures(self) -> int: ...
+    @property
+    def registry_refreshes(self) -> int: ...
+    @property
+    def registry_failures(self) -> int: ...
+
+
+class MetricsSource(Protocol):
+    """Everything a scrape reads (the daemon is one); optional extras are found with getattr."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def config(self) -> Config: ...
+    @property
+    def store(self) -> StateStore: ...
+    @property
+    def tracker(self) -> Tracker: ...
+    @property
+    def fabric(self) -> Fabric: ...
+    @property
+    def counters(self) -> DaemonCounters: ...
+    @property
+    def leadership(self) -> Leadership: ...
+    @property
+    def cycle(self) -> BalanceCycle | None: ...
 
 
 # --------------------------------------------------------------------------- recorders
@@ -222,7 +261,7 @@ class Exposition:
         return "\n".join(self._lines) + "\n" if self._lines else ""
 
 
-async def _store_states(daemon: Daemon) -> dict[str, ServerState] | None:
+async def _store_states(daemon: MetricsSource) -> dict[str, ServerState] | None:
     """The store's view of every server, or None when the store does not answer in time."""
     try:
         states = await asyncio.wait_for(daemon.store.servers(), STORE_READ_TIMEOUT_S)
@@ -232,7 +271,7 @@ async def _store_states(daemon: Daemon) -> dict[str, ServerState] | None:
     return {state.server_ip: state for state in states}
 
 
-async def render(daemon: Daemon, events: EventRate | None = None) -> str:
+async def render(daemon: MetricsSource, events: EventRate | None = None) -> str:
     """The exposition for one scrape, read from the daemon's live objects and its state store.
 
     Async because line counts live in the state store (Redis, or in process). ``events`` is the
@@ -455,153 +494,3 @@ def _breaker_samples(health: Any) -> list[tuple[Labels, float]]:
             labels = {"carrier": carrier, "server_ip": server_ip, "state": state}
             samples.append((labels, 1 if state == current else 0))
     return samples
-
-
-# --------------------------------------------------------------------------- HTTP
-
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-
-
-class MetricsServer:
-    """Serves ``GET /metrics`` for one daemon on a TCP address (asyncio; never blocks the loop)."""
-
-    def __init__(
-        self,
-        address: HostPort,
-        *,
-        max_request_bytes: int = 8192,
-        request_timeout_s: float = 5.0,
-        max_connections: int = 32,
-        sample_interval_s: float = 1.0,
-        rate_window_s: float = 10.0,
-    ) -> None:
-        self.address = address
-        self.max_request_bytes = max_request_bytes
-        self.request_timeout_s = request_timeout_s
-        self.max_connections = max_connections
-        self.sample_interval_s = sample_interval_s
-        self.events = EventRate(rate_window_s)
-        self.scrapes = 0
-        self._daemon: Daemon | None = None
-        self._server: asyncio.Server | None = None
-        self._sampler: asyncio.Task[None] | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
-
-    @property
-    def port(self) -> int:
-        """The port listened on (the real one when configured as 0)."""
-        if self._server is None or not self._server.sockets:
-            raise BalancerError("metrics server is not started")
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def start(self, daemon: Daemon) -> None:
-        """Listen on the address; BalancerError naming metrics.listen when that fails."""
-        self._daemon = daemon
-        try:
-            self._server = await asyncio.start_server(
-                self._handle, self.address.host, self.address.port, limit=self.max_request_bytes
-            )
-        except OSError as exc:
-            raise BalancerError(
-                f"metrics.listen {self.address}: cannot listen ({exc.strerror or exc})"
-            ) from None
-        self._sampler = asyncio.create_task(self._sample_loop(daemon), name="metrics-sampler")
-        log.info("metrics on http://%s/metrics", HostPort(self.address.host, self.port))
-
-    async def close(self) -> None:
-        """Stop listening, end open connections and the sampler."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        tasks = list(self._connections)
-        if self._sampler is not None:
-            tasks.append(self._sampler)
-            self._sampler = None
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1.0)
-
-    async def _sample_loop(self, daemon: Daemon) -> None:
-        while True:
-            self.events.sample(daemon.tracker.events_total)
-            await asyncio.sleep(self.sample_interval_s)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
-        try:
-            if len(self._connections) > self.max_connections:
-                await self._respond(writer, 503, "too many connections\n")
-                return
-            status, body, head = await self._answer(reader)
-            if status:
-                await self._respond(writer, status, body, head_only=head)
-        except (ConnectionError, TimeoutError):
-            pass  # the client went away or stalled: nothing to answer
-        except Exception:
-            log.exception("metrics: request failed")
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
-            if task is not None:
-                self._connections.discard(task)
-
-    async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, str, bool]:
-        """(status, body, head only) for one request; status 0 means close without answering."""
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.request_timeout_s)
-        except asyncio.LimitOverrunError:
-            return 431, "request too large\n", False
-        except asyncio.IncompleteReadError:
-            return 0, "", False  # closed before a whole request arrived
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = request_line.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            return 400, "bad request\n", False
-        method, target, _ = parts
-        path = target.split("?", 1)[0]
-        if path != "/metrics":
-            return 404, "not found: try /metrics\n", False
-        if method not in ("GET", "HEAD"):
-            return 405, "method not allowed\n", False
-        if self._daemon is None:
-            return 503, "not started\n", False
-        try:
-            body = await render(self._daemon, self.events)
-        except Exception:
-            log.exception("metrics: rendering failed")
-            return 500, "rendering failed; see the daemon's log\n", False
-        self.scrapes += 1
-        return 200, body, method == "HEAD"
-
-    async def _respond(
-        self, writer: asyncio.StreamWriter, status: int, body: str, *, head_only: bool = False
-    ) -> None:
-        payload = body.encode("utf-8")
-        content_type = CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8"
-        headers = [
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-            f"Content-Type: {content_type}",
-            f"Content-Length: {len(payload)}",
-            "Connection: close",
-        ]
-        if status == 405:
-            headers.append("Allow: GET, HEAD")
-        writer.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"))
-        if not head_only:
-            writer.write(payload)
-        await asyncio.wait_for(writer.drain(), self.request_timeout_s)

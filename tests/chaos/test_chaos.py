@@ -326,7 +326,7 @@ def _spawn_daemon(config_path: Path) -> subprocess.Popen[bytes]:
 
 
 async def _lease_holder(config: Config) -> str | None:
-    from balancer.store import open_store
+    from balancer.store.factory import open_store
 
     store = open_store(RedisConfig(url=config.redis.url, key_prefix=config.redis.key_prefix))
     try:

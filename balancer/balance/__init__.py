@@ -1,0 +1,1 @@
+"""Which server gets each balance call: model, planner and rules, cycle, executor, leader fence."""

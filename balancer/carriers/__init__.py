@@ -1,0 +1,1 @@
+"""Which carrier each call takes: route matching and breakers, carrier health, per-call failover."""

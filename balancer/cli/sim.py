@@ -1,0 +1,75 @@
+"""`vici-balancer sim` and `demo`: simulated Asterisk servers, and the balancer against them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import click
+
+from balancer.cli.common import (
+    EXIT_FAILURE,
+    AppContext,
+    database_url_option,
+    fail,
+    handle_errors,
+    resolve_database_url,
+)
+
+
+@click.command()
+@click.option("--servers", "count", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option("--base-port", type=click.IntRange(1, 65000), default=15038, show_default=True)
+@click.option(
+    "--host",
+    type=click.Choice(["127.0.0.1", "::1"]),
+    default="127.0.0.1",
+    show_default=True,
+    help="Loopback address to listen on.",
+)
+@handle_errors
+def sim(count: int, base_port: int, host: str) -> None:
+    """Run simulated Asterisk servers (AMI on loopback) until interrupted."""
+    from balancer.sim.cluster import serve_cluster
+
+    try:
+        asyncio.run(serve_cluster(count, base_port, host, print_fn=click.echo))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        fail(f"sim: cannot listen on {host}:{base_port}..: {exc.strerror}")
+
+
+@click.command()
+@database_url_option
+@click.option(
+    "--duration",
+    type=click.FloatRange(1, 3600),
+    default=20.0,
+    show_default=True,
+    help="Seconds to run.",
+)
+@click.option("--servers", "count", type=click.IntRange(1, 20), default=3, show_default=True)
+@click.option(
+    "--refresh",
+    type=click.FloatRange(0.1, 60),
+    default=2.0,
+    show_default=True,
+    help="Seconds between status tables.",
+)
+@click.pass_obj
+@handle_errors
+def demo(
+    app: AppContext, database_url: str | None, duration: float, count: int, refresh: float
+) -> None:
+    """Track simulated Asterisk servers with live traffic and show the status table."""
+    from balancer.config import LogConfig
+    from balancer.demo import run_demo
+    from balancer.ops.logs import setup_logging
+
+    url, _ = resolve_database_url(app, database_url or os.environ.get("VB_DEMO_DATABASE_URL"))
+    setup_logging(LogConfig(level="WARNING"))
+    ok = asyncio.run(run_demo(url, duration, count, refresh, echo=click.echo))
+    if not ok:
+        sys.exit(EXIT_FAILURE)

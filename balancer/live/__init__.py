@@ -1,0 +1,1 @@
+"""The live view every job reads: the server registry, channel tracker, health, status view."""

@@ -1,0 +1,1 @@
+"""Running it: Prometheus metrics, the `check` probes, logging."""
