@@ -92,10 +92,21 @@ class Daemon:
         self.counters = Counters()
         self.watched: dict[str, WatchedServer] = {}
         self.ready = asyncio.Event()  # set after the first registry refresh
-        self.leadership = Leadership(self.store, self.name, config.balance.lock_ttl_s)
+        db_url, timeout = config.database.url, config.database.connect_timeout_s
+        # Registry refresh, login flags and the leader lease share one connection and thread;
+        # the cycle's writes get their own: a slow cycle never delays the lease renewal or the
+        # registry, and shutdown can wait for exactly the write in flight.
+        self._db = DbWorker(db_url, timeout)
+        self._balance_db = DbWorker(db_url, timeout)
+        self.leadership = Leadership(self._db, self.name, config.balance.lock_ttl_s)
         # Carrier health hears events before failover does: failover asks it for the next carrier.
         self.carrier_health = CarrierHealth(config.carriers, config.routes, config.routing)
-        self.failover = Failover(config.routing, self.carrier_health, fence=self.leadership.check)
+        self.failover = Failover(
+            config.routing,
+            self.carrier_health,
+            fence=lambda: self.leadership.fence,
+            on_fence_lost=self.leadership.lost,
+        )
         self.tracker.add_listener(self.carrier_health)
         self.tracker.add_listener(self.failover)
         self.cycle: BalanceCycle | None = None
@@ -104,8 +115,6 @@ class Daemon:
         self.cycle_stats = CycleStats()
         self.metrics: MetricsServer | None = None
         self.reloads = 0
-        self._db: DbWorker | None = None
-        self._balance_db: DbWorker | None = None
 
     async def serve(self, stop: asyncio.Event | None = None, balance: bool | None = None) -> None:
         """Run until ``stop`` is set (or the task is cancelled), then shut down in order.
@@ -114,17 +123,13 @@ class Daemon:
         """
         stop = stop or asyncio.Event()
         balance = self.config.balance.enabled if balance is None else balance
-        db_url, timeout = self.config.database.url, self.config.database.connect_timeout_s
-        self._db = DbWorker(db_url, timeout)
-        # The cycle's writes get their own connection and thread: a slow cycle never delays
-        # the registry refresh, and shutdown can wait for exactly the write in flight.
-        self._balance_db = DbWorker(db_url, timeout)
         executor = Executor(
-            self._balance_db, fence=self.leadership.check, router=self.carrier_health
+            self._balance_db,
+            fence=lambda: self.leadership.fence,
+            on_fence_lost=self.leadership.lost,
+            router=self.carrier_health,
         )
-        self.cycle = BalanceCycle(
-            self.config, self.store, self._balance_db, self.leadership.check, executor=executor
-        )
+        self.cycle = BalanceCycle(self.config, self.store, self._balance_db, executor)
         log.info(
             "daemon %s starting: database %s, state %s",
             self.name,
@@ -196,8 +201,7 @@ class Daemon:
         self.carrier_health.reconfigure(new.carriers, new.routes, new.routing)
         self.failover.routing = new.routing
         self.reloads += 1
-        if self._db is not None:
-            await self.refresh_registry()
+        await self.refresh_registry()
         return notes
 
     async def _shutdown(self) -> None:
@@ -206,14 +210,12 @@ class Daemon:
         # Order: deciding stopped with the balance task (the TaskGroup above); the transaction
         # in flight finishes on its worker thread; the lease was released by the leader task;
         # then AMI sessions close and the rest is flushed.
-        if self._balance_db is not None:
-            await self._balance_db.close()
+        await self._balance_db.close()
         await self.leadership.release()
         await self.fabric.close()
         with contextlib.suppress(TimeoutError, BalancerError):
             await asyncio.wait_for(self.tracker.flush(), 2.0)
-        if self._db is not None:
-            await self._db.close()
+        await self._db.close()
         if self._own_store:
             await self.store.close()
         log.info(
@@ -275,7 +277,6 @@ class Daemon:
 
     async def refresh_registry(self) -> None:
         """Re-read the servers table and bring sessions and tracking in step with it."""
-        assert self._db is not None
         try:
             cluster = await self._db.run(read_cluster)
         except BalancerError as exc:
@@ -354,8 +355,9 @@ class Daemon:
         await self.tracker.apply_snapshot(server_ip, items)
 
     async def _balance_loop(self, stop: asyncio.Event) -> None:
-        """Run a cycle every cycle_interval_s while leading; a stop cancels the cycle between
-        calls (the call transaction in flight still completes on its worker thread)."""
+        """Run a cycle every cycle_interval_s while leading. A stop ends the cycle at its next
+        call boundary: the call in flight is finished, claimed leads not dialed go back to READY
+        and the calls placed are stored, so nothing waits for a repair step."""
         assert self.cycle is not None
         cycle = self.cycle
         while not stop.is_set():
@@ -365,8 +367,10 @@ class Daemon:
                 await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 stopping.cancel()
                 if not work.done():
-                    work.cancel()
+                    cycle.executor.request_stop()
                     await asyncio.gather(work, return_exceptions=True)
+                    if not work.cancelled() and work.exception() is None:
+                        self.last_cycle = work.result()
                     return
                 if work.exception() is not None:
                     log.error("balance cycle failed: %s", work.exception())
@@ -426,7 +430,7 @@ async def rebalance_once(config: Config, *, dry_run: bool = False) -> CycleResul
     serving: asyncio.Task[None] | None = None
     db = DbWorker(config.database.url, config.database.connect_timeout_s)
     name = f"oneshot:{socket.gethostname()}:{os.getpid()}"
-    leadership = Leadership(store, name, config.balance.lock_ttl_s)
+    leadership = Leadership(db, name, config.balance.lock_ttl_s)
     try:
         live_store = store
         if config.redis.is_memory or not await store.daemons():
@@ -438,17 +442,15 @@ async def rebalance_once(config: Config, *, dry_run: bool = False) -> CycleResul
             except TimeoutError:
                 log.warning("not every server answered within %.0fs; planning anyway", settle_s)
             live_store = tracking.store
-        fence = None
         if not dry_run:
             await leadership.try_acquire()
-            fence = leadership.check
         # Carrier health is known only when this process tracked the servers itself; beside a
         # running daemon the calls keep the campaign's dial prefix (that daemon routes its own).
         router = tracking.carrier_health if tracking is not None else None
-        executor = Executor(db, fence=fence, router=router)
-        return await BalanceCycle(config, live_store, db, fence, executor=executor).run(
-            dry_run=dry_run
+        executor = Executor(
+            db, fence=lambda: leadership.fence, on_fence_lost=leadership.lost, router=router
         )
+        return await BalanceCycle(config, live_store, db, executor).run(dry_run=dry_run)
     finally:
         await leadership.release()
         await db.close()

@@ -65,7 +65,9 @@ from balancer.balance.executor import Executor
 from balancer.balance.model import Plan
 from balancer.balance.planner import plan_cycle
 from balancer.config import BalanceConfig
+from balancer.db import fence as lease
 from balancer.db.connection import Connection, connect, connect_server
+from balancer.db.fence import LeaderFence
 from balancer.db.schema import install
 from balancer.db.snapshot import read_snapshot
 from balancer.db.url import DatabaseUrl, parse_database_url
@@ -590,8 +592,11 @@ async def pacing_run(url: DatabaseUrl, conn: Connection, calls: int, cps: int) -
         await asyncio.sleep(seconds)
         waits.append((seconds, start, time.perf_counter()))
 
-    executor = Executor(worker, sleep=sleep)
     try:
+        epoch = await worker.run(lambda c: lease.take(c, "bench-pacing", 3600))
+        assert epoch is not None
+        held = LeaderFence(lease.BALANCE_LEASE, epoch)
+        executor = Executor(worker, fence=lambda: held, sleep=sleep)
         # open the connection and read the counter outside the measured window
         q0, _ = await worker.run(counters)
         worker.starts.clear()

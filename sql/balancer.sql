@@ -14,10 +14,12 @@ CREATE TABLE IF NOT EXISTS vb_decision_log (
     outcome VARCHAR(20) NOT NULL DEFAULT '',
     reason VARCHAR(255) NOT NULL DEFAULT '',
     details TEXT NULL,
+    epoch BIGINT UNSIGNED NULL COMMENT 'leader epoch that wrote a balance/failover row',
     PRIMARY KEY (id),
     KEY decided_at (decided_at),
     KEY campaign_decided (campaign_id, decided_at),
-    KEY server_decided (server_ip, decided_at)
+    KEY server_decided (server_ip, decided_at),
+    KEY epoch (epoch)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
 -- The servers.active_agent_login_server flags the balancer itself changed, so that it only ever
@@ -56,10 +58,28 @@ CREATE TABLE IF NOT EXISTS vb_call_retries (
     retry_carrier VARCHAR(15) NOT NULL DEFAULT '',
     hangup_cause SMALLINT UNSIGNED NOT NULL DEFAULT 0,
     retried_at DATETIME NOT NULL,
+    state ENUM('placing','placed','undone') NOT NULL DEFAULT 'placed'
+        COMMENT 'placing until its Originate is written; the repair step settles the rest',
     PRIMARY KEY (caller_code),
     KEY retry_caller_code (retry_caller_code),
-    KEY retried_at (retried_at)
+    KEY retried_at (retried_at),
+    KEY state (state)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- The leader fence (docs/FENCING.md): one row per lease name. Taking the lease bumps epoch;
+-- every write of a balance call is conditional on this row still holding the writer's epoch,
+-- in the same statement. MyISAM on purpose: a statement that reads it holds a table read lock
+-- for its whole duration, so a takeover (an UPDATE of this row) can never fall between a
+-- writer's check and its write, on VICIdial's MyISAM/MEMORY tables as on InnoDB ones.
+-- expires_at is the database's clock (NOW(6)); no other clock is involved.
+CREATE TABLE IF NOT EXISTS vb_leader (
+    name VARCHAR(40) NOT NULL,
+    epoch BIGINT UNSIGNED NOT NULL DEFAULT 0,
+    holder VARCHAR(100) NOT NULL DEFAULT '',
+    expires_at DATETIME(6) NOT NULL DEFAULT '1970-01-01 00:00:01',
+    taken_at DATETIME(6) NULL,
+    PRIMARY KEY (name)
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 -- Which version of these vb_ tables is installed; one row per version applied.
 CREATE TABLE IF NOT EXISTS vb_schema_version (

@@ -5,10 +5,16 @@
 -- tests and demo) can use are declared. On a real cluster these tables already exist and
 -- `vici-balancer schema` leaves them untouched.
 --
+-- Engines are VICIdial's own (its MySQL_AST_CREATE_tables.sql): every table MyISAM, and the
+-- live ones (vicidial_hopper, vicidial_auto_calls, vicidial_campaign_server_stats,
+-- server_updater) altered to MEMORY afterwards. Neither engine has transactions or row locks:
+-- the balancer's writes are ordered and fenced so that they are safe without them
+-- (docs/FENCING.md). MEMORY tables cannot hold TEXT/BLOB columns and lose their rows when
+-- MariaDB restarts, as on a real cluster. vicidial_hopper has VICIdial's indexes only (its
+-- primary key and lead_id). The test suite also runs the balance paths on an InnoDB copy
+-- (`schema.install(conn, engine="InnoDB")`), as some sites convert their tables.
+--
 -- Differences from a stock VICIdial install, on purpose:
---   * ENGINE=InnoDB everywhere. VICIdial creates many of these tables as MyISAM, but our
---     executor writes one call (hopper claim, vicidial_manager, vicidial_auto_calls, dial log,
---     lead update) in ONE transaction that must roll back as a whole; MyISAM cannot.
 --   * Every NOT NULL column the balancer may leave out has a default, so inserts work under
 --     strict SQL mode (STRICT_TRANS_TABLES, MariaDB's default) - VICIdial leaves a few without.
 --   * TIMESTAMP columns spell out DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP: VICIdial
@@ -45,7 +51,7 @@ CREATE TABLE IF NOT EXISTS servers (
     external_server_ip VARCHAR(100) DEFAULT '',
     UNIQUE KEY server_ip (server_ip),
     UNIQUE KEY server_id (server_id)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 -- One row: cluster-wide switches and the balance process's pace.
 CREATE TABLE IF NOT EXISTS system_settings (
@@ -55,7 +61,7 @@ CREATE TABLE IF NOT EXISTS system_settings (
     outbound_calls_per_second SMALLINT UNSIGNED DEFAULT 10,
     disable_auto_dial ENUM('0','1') DEFAULT '0',
     call_limit_24hour ENUM('0','1') DEFAULT '0'
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 -- Demand: calls a campaign wanted on a server but could not place for lack of lines.
 CREATE TABLE IF NOT EXISTS vicidial_campaign_server_stats (
@@ -66,7 +72,7 @@ CREATE TABLE IF NOT EXISTS vicidial_campaign_server_stats (
     UNIQUE KEY campaign_server (campaign_id, server_ip),
     KEY server_ip (server_ip),
     KEY update_time (update_time)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MEMORY DEFAULT CHARSET=utf8mb4;
 
 -- Lines reserved on a server for one campaign (MAXIMUM_LIMIT also caps the campaign there).
 CREATE TABLE IF NOT EXISTS vicidial_server_trunks (
@@ -76,7 +82,7 @@ CREATE TABLE IF NOT EXISTS vicidial_server_trunks (
     trunk_restriction ENUM('MAXIMUM_LIMIT','OVERFLOW_ALLOWED') DEFAULT 'OVERFLOW_ALLOWED',
     KEY server_campaign (server_ip, campaign_id),
     KEY campaign_id (campaign_id)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 -- Calls in progress that VICIdial placed; balance calls have call_type 'OUTBALANCE'.
 CREATE TABLE IF NOT EXISTS vicidial_auto_calls (
@@ -103,7 +109,7 @@ CREATE TABLE IF NOT EXISTS vicidial_auto_calls (
     KEY callerid (callerid),
     KEY uniqueid (uniqueid),
     KEY call_time (call_time)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MEMORY DEFAULT CHARSET=utf8mb4;
 
 -- The queue of AMI commands each server's sender script picks up (status 'NEW', own server_ip).
 CREATE TABLE IF NOT EXISTS vicidial_manager (
@@ -131,7 +137,7 @@ CREATE TABLE IF NOT EXISTS vicidial_manager (
     KEY callerid (callerid),
     KEY uniqueid (uniqueid),
     KEY entry_date (entry_date)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 CREATE TABLE IF NOT EXISTS vicidial_campaigns (
     campaign_id VARCHAR(8) NOT NULL,
@@ -149,14 +155,14 @@ CREATE TABLE IF NOT EXISTS vicidial_campaigns (
     use_custom_cid ENUM('Y','N','AREACODE','USER_CUSTOM_1','USER_CUSTOM_2','USER_CUSTOM_3',
         'USER_CUSTOM_4','USER_CUSTOM_5') DEFAULT 'N',
     PRIMARY KEY (campaign_id)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 CREATE TABLE IF NOT EXISTS vicidial_campaign_stats (
     campaign_id VARCHAR(20) NOT NULL,
     update_time TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP,
     balance_trunk_fill SMALLINT UNSIGNED DEFAULT 0,
     PRIMARY KEY (campaign_id)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 -- Logged-in agents; an extension starting with 'R' is a remote agent.
 CREATE TABLE IF NOT EXISTS vicidial_live_agents (
@@ -176,7 +182,7 @@ CREATE TABLE IF NOT EXISTS vicidial_live_agents (
     KEY dial_campaign_id (dial_campaign_id),
     KEY server_ip (server_ip),
     KEY last_update_time (last_update_time)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 -- Leads ready to dial.
 CREATE TABLE IF NOT EXISTS vicidial_hopper (
@@ -192,9 +198,8 @@ CREATE TABLE IF NOT EXISTS vicidial_hopper (
     priority TINYINT DEFAULT 0,
     source VARCHAR(1) DEFAULT '',
     PRIMARY KEY (hopper_id),
-    KEY campaign_status_priority (campaign_id, status, priority),
     KEY lead_id (lead_id)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MEMORY DEFAULT CHARSET=utf8mb4;
 
 -- The leads.
 CREATE TABLE IF NOT EXISTS vicidial_list (
@@ -219,7 +224,7 @@ CREATE TABLE IF NOT EXISTS vicidial_list (
     KEY phone_number (phone_number),
     KEY list_id (list_id),
     KEY status (status)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 CREATE TABLE IF NOT EXISTS vicidial_lists (
     list_id BIGINT UNSIGNED NOT NULL,
@@ -231,7 +236,7 @@ CREATE TABLE IF NOT EXISTS vicidial_lists (
     dial_prefix VARCHAR(20) DEFAULT '',
     PRIMARY KEY (list_id),
     KEY campaign_id (campaign_id)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 -- One row per Originate placed (VICIdial has no primary key here).
 CREATE TABLE IF NOT EXISTS vicidial_dial_log (
@@ -250,7 +255,7 @@ CREATE TABLE IF NOT EXISTS vicidial_dial_log (
     KEY caller_code (caller_code),
     KEY lead_id (lead_id),
     KEY call_date (call_date)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 CREATE TABLE IF NOT EXISTS phones (
     extension VARCHAR(100) NOT NULL,
@@ -265,7 +270,7 @@ CREATE TABLE IF NOT EXISTS phones (
     UNIQUE KEY extenserver (extension, server_ip),
     KEY login (login),
     KEY server_ip (server_ip)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 -- A phone alias: one agent login spread over several phone logins (one per server).
 CREATE TABLE IF NOT EXISTS phones_alias (
@@ -273,14 +278,14 @@ CREATE TABLE IF NOT EXISTS phones_alias (
     alias_name VARCHAR(50),
     logins_list VARCHAR(255),
     PRIMARY KEY (alias_id)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 -- Heartbeat of each server's VICIdial scripts (refreshed about once a second).
 CREATE TABLE IF NOT EXISTS server_updater (
     server_ip VARCHAR(15) NOT NULL,
     last_update DATETIME,
     UNIQUE KEY server_ip (server_ip)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MEMORY DEFAULT CHARSET=utf8mb4;
 
 -- Agent conferences; a row with an empty extension is free.
 CREATE TABLE IF NOT EXISTS vicidial_conferences (
@@ -289,7 +294,7 @@ CREATE TABLE IF NOT EXISTS vicidial_conferences (
     extension VARCHAR(100) DEFAULT '',
     UNIQUE KEY extenserver (conf_exten, server_ip),
     KEY server_extension (server_ip, extension)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 -- Carriers; dialplan_entry maps a dial prefix to the carrier's trunk. account_entry and
 -- registration_string hold the peer/endpoint definition (the name seen in AMI channel names).
@@ -305,7 +310,7 @@ CREATE TABLE IF NOT EXISTS vicidial_server_carriers (
     carrier_description VARCHAR(255),
     UNIQUE KEY carrier_id (carrier_id),
     KEY server_ip (server_ip)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 -- The four call-count tables VICIdial writes for every call it places.
 -- call_alt is VARCHAR rather than an ENUM so 'MAIN' and any 'X<n>' alt number pass strict mode.
@@ -318,7 +323,7 @@ CREATE TABLE IF NOT EXISTS vicidial_dial_cid_log (
     outbound_cid_type VARCHAR(20) DEFAULT '',
     KEY caller_code (caller_code),
     KEY call_date (call_date)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 CREATE TABLE IF NOT EXISTS vicidial_lead_24hour_calls (
     lead_id INT UNSIGNED NOT NULL,
@@ -331,7 +336,7 @@ CREATE TABLE IF NOT EXISTS vicidial_lead_24hour_calls (
     KEY lead_id (lead_id),
     KEY call_date (call_date),
     KEY phone_number (phone_number)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 CREATE TABLE IF NOT EXISTS vicidial_lead_call_daily_counts (
     lead_id INT UNSIGNED NOT NULL,
@@ -342,11 +347,11 @@ CREATE TABLE IF NOT EXISTS vicidial_lead_call_daily_counts (
     modify_date DATETIME,
     UNIQUE KEY lead_id (lead_id),
     KEY list_id (list_id)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 CREATE TABLE IF NOT EXISTS vicidial_phone_number_call_daily_counts (
     phone_number VARCHAR(18) NOT NULL,
     called_count SMALLINT UNSIGNED DEFAULT 0,
     modify_date DATETIME,
     UNIQUE KEY phone_number (phone_number)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from conftest import execute, fetchall
 
-from balancer.balance.model import DbSnapshot
+from balancer.balance.executor import ExecutionReport, Executor
+from balancer.balance.model import CampaignPlan, DbSnapshot, Placement, Plan
+from balancer.carriers.routing import CallRouter
 from balancer.config import BalanceConfig
+from balancer.db import fence as lease
+from balancer.db.calls import CallResult
 from balancer.db.connection import Connection
+from balancer.db.fence import LeaderFence
 from balancer.db.snapshot import read_snapshot
+
+T = TypeVar("T")
 
 # The instant of VICIDIAL.md's example: MMDDhhmmss 0122135456 -> caller code V122135456...
 EXAMPLE_NOW = datetime(2024, 1, 22, 13, 54, 56)
@@ -143,3 +153,84 @@ CALL_TABLES = (
     "vicidial_lead_call_daily_counts",
     "vicidial_phone_number_call_daily_counts",
 )
+
+
+# --------------------------------------------------------------------------- placing calls
+
+
+class InlineDb:
+    """The executor's DbRunner on one test connection, run inline (no worker thread)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    async def run(self, fn: Callable[[Connection], T], idempotent: bool = True) -> T:
+        return fn(self.conn)
+
+
+def take_lease(db: Connection, holder: str = "test-leader", ttl_s: float = 3600) -> LeaderFence:
+    """Take (or keep) the balance lease for ``holder``; the fence its writes carry."""
+    epoch = lease.take(db, holder, ttl_s)
+    assert epoch is not None, "the lease is held by someone else"
+    return LeaderFence(lease.BALANCE_LEASE, epoch)
+
+
+async def _no_sleep(_seconds: float) -> None:
+    return None
+
+
+def one_placement(campaign_id: str, server_ip: str, calls: int = 1) -> Plan:
+    """A plan of one placement, built by hand (no planner)."""
+    placement = Placement(campaign_id, server_ip, calls, f"fill {calls} on {server_ip}")
+    campaign = CampaignPlan(
+        campaign_id=campaign_id,
+        demand=calls,
+        already_filling=0,
+        needed=calls,
+        may_dial=True,
+        placements=(placement,),
+        skips=(),
+    )
+    return Plan("live", False, campaigns=(campaign,), pace_ms=0.0, sequence=(placement,))
+
+
+async def run_plan(
+    db: Connection,
+    plan: Plan,
+    *,
+    now: datetime = EXAMPLE_NOW,
+    dst: bool = False,
+    router: CallRouter | None = None,
+    fence: LeaderFence | None = None,
+    transactional: bool | None = None,
+) -> ExecutionReport:
+    """Run the real executor on ``plan`` against the test connection, under a lease."""
+    held = fence or take_lease(db)
+    snap = dataclasses.replace(snapshot(db), taken_at=now)
+    executor = Executor(
+        InlineDb(db),
+        fence=lambda: held,
+        sleep=_no_sleep,
+        dst=lambda _now: dst,
+        router=router,
+        transactional=transactional,
+    )
+    return await executor.execute(plan, snap, "c1")
+
+
+def execute_plan(db: Connection, plan: Plan, **kwargs: Any) -> ExecutionReport:
+    """`run_plan` from synchronous code."""
+    return asyncio.run(run_plan(db, plan, **kwargs))
+
+
+def place(
+    db: Connection,
+    *,
+    server_ip: str = "10.10.0.1",
+    campaign_id: str = "CAMP1",
+    **kwargs: Any,
+) -> CallResult | None:
+    """One balance call through the real executor; None when none was placed."""
+    report = execute_plan(db, one_placement(campaign_id, server_ip), **kwargs)
+    assert not report.errors, report.errors
+    return report.results[0] if report.results else None

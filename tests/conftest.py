@@ -36,16 +36,13 @@ def _test_database_url() -> DatabaseUrl:
     return url
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[DatabaseUrl]:
-    """A database of this test session's own (VB_TEST_DATABASE_URL's name + pid), schema installed.
-
-    Its own database keeps concurrent runs apart; it is dropped when the session ends.
-    """
+def _scratch_database(suffix: str, engine: str | None) -> Iterator[DatabaseUrl]:
+    """A database of this test session's own (VB_TEST_DATABASE_URL's name + pid + suffix), with
+    the schema installed; dropped when the session ends. Concurrent runs stay apart."""
     from balancer.db import schema
 
     base = _test_database_url()
-    url = base.with_database(f"{base.database}_{os.getpid()}")
+    url = base.with_database(f"{base.database}_{os.getpid()}{suffix}")
     try:
         server = connect_server(base)
     except DatabaseError as exc:
@@ -56,7 +53,7 @@ def database_url() -> Iterator[DatabaseUrl]:
             cur.execute(f"CREATE DATABASE `{url.database}`")
         conn = connect(url)
         try:
-            schema.install(conn)
+            schema.install(conn, engine=engine)
         finally:
             conn.close()
         yield url
@@ -66,12 +63,38 @@ def database_url() -> Iterator[DatabaseUrl]:
         server.close()
 
 
+@pytest.fixture(scope="session")
+def stock_database_url() -> Iterator[DatabaseUrl]:
+    """VICIdial's own engines: MyISAM, and MEMORY for the live tables (what users have)."""
+    yield from _scratch_database("", None)
+
+
+@pytest.fixture(scope="session")
+def innodb_database_url() -> Iterator[DatabaseUrl]:
+    """The same tables converted to InnoDB, as some sites do."""
+    yield from _scratch_database("_innodb", "InnoDB")
+
+
+@pytest.fixture(scope="session")
+def database_url(stock_database_url: DatabaseUrl) -> DatabaseUrl:
+    """The test database with VICIdial's stock engines. Modules that must hold on both engines
+    override this with `both_engines` (see below)."""
+    return stock_database_url
+
+
+def both_engines(request: pytest.FixtureRequest) -> DatabaseUrl:
+    """Body of a module-level ``database_url`` fixture parametrised over ("stock", "innodb")."""
+    url: DatabaseUrl = request.getfixturevalue(f"{request.param}_database_url")
+    return url
+
+
 def _empty_all_tables(conn: Connection) -> None:
     with conn.cursor() as cur:
         cur.execute("SHOW TABLES")
         tables = [row[0] for row in cur.fetchall()]
         for table in tables:
-            cur.execute(f"DELETE FROM `{table}`")
+            if table != "vb_schema_version":  # schema metadata, not data
+                cur.execute(f"DELETE FROM `{table}`")
 
 
 @pytest.fixture
@@ -121,4 +144,4 @@ def fetchall(conn: Connection, sql: str, *params: object) -> list[dict[str, obje
         return list(cur.fetchall())
 
 
-__all__ = ["AsyncIterator", "execute", "fetchall"]
+__all__ = ["AsyncIterator", "both_engines", "execute", "fetchall"]

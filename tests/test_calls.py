@@ -1,43 +1,31 @@
-"""place_call, finish_cycle and log_decisions on a real MariaDB (strict mode)."""
+"""One balance call's rows (through the real executor), finish_cycle and log_decisions on a real
+MariaDB in strict mode, with VICIdial's stock engines (MyISAM/MEMORY)."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Collection, Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import balance_seed as seed
-import pymysql
 import pytest
 from balance_seed import CALL_TABLES, EXAMPLE_NOW
 from conftest import execute, fetchall
 
+from balancer.balance.executor import LOST_LEADERSHIP
 from balancer.balance.fields import caller_code, dial_prefix, next_called_since_last_reset
-from balancer.carriers.routing import CarrierPick, NoCarrier
-from balancer.db.calls import CallResult, CycleContext, Unrouted, place_call
-from balancer.db.connection import Connection, connect
+from balancer.balance.model import CampaignPlan, Placement, Plan
+from balancer.carriers.routing import CarrierPick, NoCarrier, PlacedCall
+from balancer.db.calls import CallResult
+from balancer.db.connection import Connection
 from balancer.db.cycle_log import Decision, finish_cycle, log_decisions
-from balancer.db.url import DatabaseUrl
+from balancer.db.fence import FenceLost
 
 CODE = "V1221354560000100001"  # VICIDIAL.md's example caller code
 
 
-def place(
-    db: Connection,
-    *,
-    now: datetime = EXAMPLE_NOW,
-    dst: bool = False,
-    server_ip: str = "10.10.0.1",
-    campaign_id: str = "CAMP1",
-    before_commit: Callable[[], bool] = lambda: True,
-) -> CallResult | None:
-    snap = seed.snapshot(db)
-    cycle = CycleContext(now=now, dst=dst, cycle_id="c1")
-    return place_call(
-        db, snap.servers[server_ip], snap.campaigns[campaign_id], cycle, before_commit
-    )
+place = seed.place
 
 
 def manager_row(db: Connection) -> dict[str, Any]:
@@ -196,7 +184,6 @@ def test_example_call_writes_exactly_what_vicidial_writes(db: Connection) -> Non
         dial_string="913125550001",
         channel="Local/913125550001@default",
         cid_type="CAMPAIGN_CID",
-        orphans_deleted=(),
         phone_number="3125550001",
         alt_dial="NONE",
         phone_code="1",
@@ -496,9 +483,10 @@ def test_orphan_hopper_row_is_deleted_and_replaced(db: Connection, caplog: Any) 
     execute(db, "UPDATE vicidial_hopper SET priority = 1")
     seed.hopper(db, 999, priority=9)  # its lead does not exist
     seed.hopper(db, 998, priority=8)  # nor this one
-    result = place(db)
-    assert result is not None
-    assert result.lead_id == 100001 and result.orphans_deleted == (999, 998)
+    report = seed.execute_plan(db, seed.one_placement("CAMP1", "10.10.0.1"))
+    assert [r.lead_id for r in report.results] == [100001] and report.orphans_deleted == 2
+    orphans = fetchall(db, "SELECT lead_id FROM vb_decision_log WHERE outcome = 'orphan_deleted'")
+    assert sorted(int(str(r["lead_id"])) for r in orphans) == [998, 999]
     assert seed.count(db, "vicidial_hopper") == 0
     assert seed.count(db, "vicidial_manager") == 1
     assert "lead 999" in caplog.text and "lead 998" in caplog.text
@@ -525,32 +513,74 @@ def _assert_untouched(db: Connection) -> None:
     for table in CALL_TABLES:
         assert seed.count(db, table) == 0, table
     hop = seed.one(db, "SELECT status, user FROM vicidial_hopper")
-    assert hop == {"status": "READY", "user": None}
+    assert hop["status"] == "READY" and hop["user"] in (None, "")  # VICIdial's hopper writes ''
+
     lead = lead_row(db)
     assert (lead["status"], lead["user"], lead["called_count"]) == ("NEW", None, 0)
     assert (lead["called_since_last_reset"], lead["last_local_call_time"]) == ("N", None)
 
 
-def test_fence_refusal_writes_nothing(db: Connection) -> None:
+def expire(db: Connection) -> None:
+    """Make the current lease expire now (as if its holder stopped renewing it)."""
+    execute(db, "UPDATE vb_leader SET expires_at = NOW(6) - INTERVAL 1 SECOND")
+
+
+def test_a_lease_taken_over_writes_nothing(db: Connection) -> None:
     seed.example(db)
-    asked = []
-
-    def refuse() -> bool:
-        # the whole call is written (and still uncommitted) when the fence is asked
-        with db.cursor() as cur:
-            cur.execute("SELECT COUNT(*) FROM vicidial_manager")
-            asked.append(cur.fetchone()[0])
-        return False
-
-    assert place(db, before_commit=refuse) is None
-    assert asked == [1]
+    old = seed.take_lease(db, "old-leader")
+    expire(db)
+    new = seed.take_lease(db, "new-leader")
+    assert new.epoch == old.epoch + 1
+    report = seed.execute_plan(db, seed.one_placement("CAMP1", "10.10.0.1"), fence=old)
+    assert report.stopped == LOST_LEADERSHIP and report.results == []
     _assert_untouched(db)
-    assert place(db) is not None  # the lead is still there to dial
+    assert seed.count(db, "vb_decision_log") == 0
+    assert place(db, fence=new) is not None  # the lead is still there to dial
+
+
+def test_every_write_of_a_call_is_fenced(db: Connection) -> None:
+    """A statement run under an old epoch writes nothing, whatever table it is for."""
+    seed.example(db)
+    old = seed.take_lease(db, "old-leader")
+    expire(db)
+    seed.take_lease(db, "new-leader")
+    from balancer.db import calls, leads
+
+    ids = seed.snapshot(db).hopper_ids["CAMP1"]
+    with pytest.raises(FenceLost):
+        leads.claim(db, old, "CAMP1", ids, "VB122135456000100001")
+    snap = seed.snapshot(db)
+    dial = calls.Dial(
+        snap.servers["10.10.0.1"],
+        snap.campaigns["CAMP1"],
+        seed_lead(db),
+        "V1221354560000100001",
+        EXAMPLE_NOW,
+        "913125550001",
+        "3125550001",
+        "MAIN",
+    )
+    for write in (
+        lambda: calls.insert_auto_call(db, old, dial),
+        lambda: calls.insert_dial_logs(db, old, dial),
+        lambda: calls.insert_originate(db, old, dial, "CAMPAIGN_CID"),
+    ):
+        with pytest.raises(FenceLost):
+            write()
+    _assert_untouched(db)
+
+
+def seed_lead(db: Connection) -> Any:
+    from balancer.db.leads import read_lead
+
+    lead = read_lead(db, 100001)
+    assert lead is not None
+    return lead
 
 
 @pytest.fixture
 def failing_dial_log(db: Connection) -> Iterator[None]:
-    """A trigger that makes every vicidial_dial_log insert fail (mid-transaction)."""
+    """A trigger that makes every vicidial_dial_log insert fail (the call's second write)."""
     execute(
         db,
         "CREATE TRIGGER vb_test_fail_dial_log BEFORE INSERT ON vicidial_dial_log FOR EACH ROW"
@@ -562,56 +592,14 @@ def failing_dial_log(db: Connection) -> Iterator[None]:
         execute(db, "DROP TRIGGER IF EXISTS vb_test_fail_dial_log")
 
 
-def test_error_mid_transaction_rolls_back_everything(
-    db: Connection, failing_dial_log: None
-) -> None:
+def test_an_error_mid_call_is_repaired_at_once(db: Connection, failing_dial_log: None) -> None:
     seed.example(db)
-    with pytest.raises(pymysql.err.MySQLError, match="injected failure"):
-        place(db)
+    report = seed.execute_plan(db, seed.one_placement("CAMP1", "10.10.0.1"))
+    assert report.results == [] and report.errors and "injected failure" in report.errors[0]
+    assert report.repaired.undone == [100001]  # the auto-call row written before went again
     _assert_untouched(db)
     execute(db, "DROP TRIGGER vb_test_fail_dial_log")
-    assert place(db) is not None  # connection still usable, lead still READY
-
-
-def test_two_balancers_never_claim_the_same_lead(db: Connection, database_url: DatabaseUrl) -> None:
-    seed.server(db)
-    seed.campaign(db)
-    seed.lead_list(db)
-    seed.leads(db, 60)
-    snap = seed.snapshot(db)
-    server, campaign = snap.servers["10.10.0.1"], snap.campaigns["CAMP1"]
-    cycle = CycleContext(now=EXAMPLE_NOW, dst=False, cycle_id="race")
-    start = threading.Barrier(2)
-    dialed: list[list[int]] = [[], []]
-    errors: list[BaseException] = []
-
-    def balancer(index: int) -> None:
-        conn = connect(database_url)
-        try:
-            start.wait()
-            for _ in range(50):
-                result = place_call(conn, server, campaign, cycle)
-                if result is None:
-                    break
-                dialed[index].append(result.lead_id)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=balancer, args=(i,)) for i in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert not errors
-    every = dialed[0] + dialed[1]
-    assert len(every) == 60 and sorted(every) == list(range(1, 61))
-    assert dialed[0] and dialed[1]  # both took part
-    assert seed.count(db, "vicidial_manager") == 60
-    assert seed.count(db, "vicidial_hopper") == 0
-    rows = fetchall(db, "SELECT lead_id, COUNT(*) AS n FROM vicidial_auto_calls GROUP BY lead_id")
-    assert {int(str(r["n"])) for r in rows} == {1} and len(rows) == 60
+    assert place(db) is not None  # connection still usable, lead READY again
 
 
 # --------------------------------------------------------------------------- after the cycle
@@ -629,8 +617,9 @@ def test_finish_cycle(db: Connection) -> None:
         rows = fetchall(db, "SELECT campaign_id, balance_trunk_fill FROM vicidial_campaign_stats")
         return {str(r["campaign_id"]): int(str(r["balance_trunk_fill"])) for r in rows}
 
-    assert finish_cycle(db, {"CAMP1": 3, "CAMP2": -2}, False, [101, 101], ["CAMP1"], EXAMPLE_NOW)
-    assert stats() == {"CAMP1": 3, "CAMP2": 0, "CAMP3": 4}
+    fence = seed.take_lease(db)
+    finish_cycle(db, fence, {"CAMP1": 3, "CAMP2": -2}, False, [101, 101], ["CAMP1"], EXAMPLE_NOW)
+    assert stats() == {"CAMP1": 3, "CAMP3": 4}  # VICIdial updates rows; CAMP2 has none
     lists = fetchall(db, "SELECT list_id, list_lastcalldate FROM vicidial_lists ORDER BY list_id")
     assert [r["list_lastcalldate"] for r in lists] == [EXAMPLE_NOW, None]
     dates = fetchall(
@@ -638,14 +627,16 @@ def test_finish_cycle(db: Connection) -> None:
     )
     assert [r["campaign_calldate"] for r in dates] == [EXAMPLE_NOW, None, None]
 
-    # a refused fence: nothing changes
-    assert not finish_cycle(db, {"CAMP3": 1}, True, [102], ["CAMP2"], EXAMPLE_NOW, lambda: False)
-    assert stats() == {"CAMP1": 3, "CAMP2": 0, "CAMP3": 4}
+    # under a lease taken over: nothing changes
+    expire(db)
+    seed.take_lease(db, "another")
+    finish_cycle(db, fence, {"CAMP3": 1}, True, [102], ["CAMP2"], EXAMPLE_NOW)
+    assert stats() == {"CAMP1": 3, "CAMP3": 4}
     assert seed.count(db, "vicidial_lists", "list_lastcalldate IS NOT NULL") == 1
 
     # VICIdial step 2: every campaign back to 0
-    assert finish_cycle(db, {}, True, [], [], EXAMPLE_NOW)
-    assert stats() == {"CAMP1": 0, "CAMP2": 0, "CAMP3": 0}
+    finish_cycle(db, seed.take_lease(db, "another"), {}, True, [], [], EXAMPLE_NOW)
+    assert stats() == {"CAMP1": 0, "CAMP3": 0}
 
 
 def test_log_decisions(db: Connection) -> None:
@@ -668,10 +659,19 @@ def test_log_decisions(db: Connection) -> None:
         ),
     ]
     assert log_decisions(db, []) == 0
-    assert log_decisions(db, rows) == 2
+    assert log_decisions(db, rows) == 2  # an operator's or keeper's rows: no epoch
+    fence = seed.take_lease(db)
+    assert log_decisions(db, rows[:1], fence) == 1  # a leader's rows carry its epoch
     got = fetchall(db, "SELECT * FROM vb_decision_log ORDER BY id")
+    assert [r["epoch"] for r in got] == [None, None, fence.epoch]
+    expire(db)
+    seed.take_lease(db, "another")
+    with pytest.raises(FenceLost):
+        log_decisions(db, rows, fence)
+    assert seed.count(db, "vb_decision_log") == 3
+    got = got[:2]
     for row in got:
-        del row["id"]
+        del row["id"], row["epoch"]
     assert got == [
         {
             "decided_at": at,
@@ -705,70 +705,39 @@ def test_decimal_offsets_are_read_exactly(db: Connection) -> None:
     assert seed.snapshot(db).servers["10.10.0.1"].local_gmt == float(Decimal("5.75"))
 
 
-def test_a_deadlock_is_retried(db: Connection, monkeypatch: pytest.MonkeyPatch) -> None:
-    import balancer.db.calls as calls
-
-    seed.example(db)
-    real = calls._place_once
-    attempts: list[int] = []
-
-    def deadlock_once(*args: Any) -> CallResult | None:
-        attempts.append(1)
-        if len(attempts) == 1:
-            raise pymysql.err.OperationalError(1213, "Deadlock found when trying to get lock")
-        return real(*args)
-
-    monkeypatch.setattr(calls, "_place_once", deadlock_once)
-    assert place(db) is not None and len(attempts) == 2
-
-    attempts.clear()
-
-    def always_deadlocked(*args: Any) -> CallResult | None:
-        attempts.append(1)
-        raise pymysql.err.OperationalError(1213, "Deadlock found when trying to get lock")
-
-    monkeypatch.setattr(calls, "_place_once", always_deadlocked)
-    with pytest.raises(pymysql.err.OperationalError):
-        place(db)
-    assert len(attempts) == 3  # then it gives up and the caller stops the cycle
-
-
 # --------------------------------------------------------------------------- carrier routing
 
 
-def route_by_number(
-    picks: dict[str, CarrierPick | NoCarrier | None],
-    default: CarrierPick | NoCarrier | None = None,
-    servers: dict[str, str] | None = None,
-) -> Callable[[str, str, str], CarrierPick | NoCarrier | None]:
-    """A chooser answering by number (and, with ``servers``, by number@server)."""
+class Router:
+    """A carrier router answering by number (and, with ``servers``, by number@server)."""
 
-    def choose(server_ip: str, phone_code: str, number: str) -> CarrierPick | NoCarrier | None:
+    def __init__(
+        self,
+        picks: dict[str, CarrierPick | NoCarrier | None],
+        default: CarrierPick | NoCarrier | None = None,
+        servers: dict[str, str] | None = None,
+    ) -> None:
+        self.picks, self.default, self.servers = picks, default, servers
+        self.placed_calls: list[PlacedCall] = []
+
+    def choose(
+        self, server_ip: str, phone_code: str, number: str, exclude: Collection[str] = ()
+    ) -> CarrierPick | NoCarrier | None:
         key = f"{number}@{server_ip}"
-        if servers is not None and key in servers:
-            return picks[servers[key]]
-        return picks.get(number, default)
+        if self.servers is not None and key in self.servers:
+            return self.picks[self.servers[key]]
+        return self.picks.get(number, self.default)
 
-    return choose
+    def placed(self, call: PlacedCall) -> None:
+        self.placed_calls.append(call)
 
 
 BETA = CarrierPick("beta", "8", "default", 1)
 NONE_LEFT = NoCarrier("default", "route 'default': alpha: open on 10.10.0.1; beta: at its cap")
 
 
-def place_routed(db: Connection, chooser: Any, **kw: Any) -> Any:
-    snap = seed.snapshot(db)
-    cycle = CycleContext(now=EXAMPLE_NOW, dst=False, cycle_id="c1")
-    alternates = [snap.servers[ip] for ip in kw.pop("alternates", ())]
-    return place_call(
-        db,
-        snap.servers["10.10.0.1"],
-        snap.campaigns["CAMP1"],
-        cycle,
-        route=chooser,
-        alternates=alternates,
-        **kw,
-    )
+def place_routed(db: Connection, router: Router, plan: Plan | None = None) -> Any:
+    return seed.execute_plan(db, plan or seed.one_placement("CAMP1", "10.10.0.1"), router=router)
 
 
 def test_the_carrier_prefix_replaces_the_campaign_and_list_prefix(db: Connection) -> None:
@@ -777,17 +746,17 @@ def test_the_carrier_prefix_replaces_the_campaign_and_list_prefix(db: Connection
     seed.lead_list(db, dial_prefix="77")
     seed.lead(db)
     seed.hopper(db)
-    result = place_routed(db, route_by_number({}, BETA))
-    assert isinstance(result, CallResult)
+    router = Router({}, BETA)
+    [result] = place_routed(db, router).results
     assert result.dial_string == "813125550001" and result.channel == "Local/813125550001@default"
     assert (result.carrier_id, result.route, result.phone_code) == ("beta", "default", "1")
     assert manager_row(db)["cmd_line_d"] == "Channel: Local/813125550001@default"
+    assert [c.caller_code for c in router.placed_calls] == [result.caller_code]
 
 
 def test_not_routed_keeps_the_campaign_prefix(db: Connection) -> None:
     seed.example(db)
-    result = place_routed(db, route_by_number({}, None))
-    assert isinstance(result, CallResult)
+    [result] = place_routed(db, Router({}, None)).results
     assert result.dial_string == "913125550001" and result.carrier_id == ""
 
 
@@ -796,29 +765,22 @@ def test_a_lead_no_carrier_can_take_stays_in_the_hopper(db: Connection) -> None:
     seed.campaign(db)
     seed.lead_list(db)
     seed.leads(db, 3)
-    execute(db, "UPDATE vicidial_hopper SET priority = 9, user = 'keepme' WHERE lead_id = 1")
-    first_hopper = seed.one(db, "SELECT hopper_id FROM vicidial_hopper WHERE lead_id = 1")
-    result = place_routed(db, route_by_number({"3125550001": NONE_LEFT}, BETA))
-    assert isinstance(result, CallResult) and result.lead_id == 2
-    assert [(u.lead_id, u.hopper_id, u.route) for u in result.unrouted] == [
-        (1, first_hopper["hopper_id"], "default")
-    ]
-    assert result.unrouted[0].reason == NONE_LEFT.reason
-    hop = seed.one(db, "SELECT status, user FROM vicidial_hopper WHERE lead_id = 1")
-    assert hop == {"status": "READY", "user": "keepme"}  # exactly as it was
-    assert lead_row(db, 1)["status"] == "NEW"
-    # passed over when asked to skip it: the next call takes lead 3
-    again = place_routed(
-        db, route_by_number({"3125550001": NONE_LEFT}, BETA), skip={first_hopper["hopper_id"]}
+    execute(db, "UPDATE vicidial_hopper SET priority = 9 WHERE lead_id = 1")
+    report = place_routed(db, Router({"3125550001": NONE_LEFT}, BETA))
+    assert [r.lead_id for r in report.results] == [2] and report.unrouted == 1
+    [logged] = fetchall(
+        db, "SELECT lead_id, reason FROM vb_decision_log WHERE outcome = 'no_carrier'"
     )
-    assert isinstance(again, CallResult) and again.lead_id == 3 and again.unrouted == ()
+    assert logged["lead_id"] == 1 and NONE_LEFT.reason in str(logged["reason"])
+    hop = seed.one(db, "SELECT status, user FROM vicidial_hopper WHERE lead_id = 1")
+    assert hop == {"status": "READY", "user": ""}  # back as VICIdial's hopper writes it
+    assert lead_row(db, 1)["status"] == "NEW"
 
 
 def test_no_carrier_for_any_lead_writes_nothing(db: Connection) -> None:
     seed.example(db)
-    result = place_routed(db, route_by_number({}, NONE_LEFT))
-    assert isinstance(result, Unrouted) and result.exhausted
-    assert [u.lead_id for u in result.leads] == [100001]
+    report = place_routed(db, Router({}, NONE_LEFT))
+    assert report.results == [] and report.unrouted == 1
     _assert_untouched(db)
 
 
@@ -827,25 +789,27 @@ def test_scan_of_unroutable_leads_is_bounded(db: Connection) -> None:
     seed.campaign(db)
     seed.lead_list(db)
     seed.leads(db, 8)
-    result = place_routed(db, route_by_number({}, NONE_LEFT))
-    assert isinstance(result, Unrouted) and not result.exhausted
-    assert len(result.leads) == 5
+    report = place_routed(db, Router({}, NONE_LEFT))
+    assert report.results == [] and report.unrouted == 5
     assert seed.count(db, "vicidial_hopper", "status = 'READY'") == 8
 
 
-def test_no_carrier_on_the_planned_server_tries_the_alternates(db: Connection) -> None:
+def test_no_carrier_on_the_planned_server_tries_the_other_planned_server(db: Connection) -> None:
     seed.server(db, "10.10.0.1")
     seed.server(db, "10.10.0.2", ext_context="other")
     seed.campaign(db)
     seed.lead_list(db)
     seed.lead(db)
     seed.hopper(db)
-    chooser = route_by_number(
+    router = Router(
         {"none": NONE_LEFT, "beta": BETA},
         servers={"3125550001@10.10.0.1": "none", "3125550001@10.10.0.2": "beta"},
     )
-    result = place_routed(db, chooser, alternates=["10.10.0.2"])
-    assert isinstance(result, CallResult)
+    first = Placement("CAMP1", "10.10.0.1", 1, "fill 1")
+    second = Placement("CAMP1", "10.10.0.2", 1, "fill 1")
+    campaign = CampaignPlan("CAMP1", 2, 0, 2, True, (first, second), ())
+    plan = Plan("live", False, campaigns=(campaign,), pace_ms=0.0, sequence=(first, second))
+    [result] = place_routed(db, router, plan).results
     assert result.server_ip == "10.10.0.2" and result.channel == "Local/813125550001@other"
     row = manager_row(db)
     assert (row["server_ip"], row["cmd_line_c"]) == ("10.10.0.2", "Context: other")

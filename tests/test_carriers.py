@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import balance_seed as seed
+import pytest
 from balance_seed import EXAMPLE_NOW
 from click.testing import CliRunner
 from conftest import execute, fetchall
@@ -30,8 +31,9 @@ from balancer.config import (
     RouteConfig,
     RoutingConfig,
 )
-from balancer.db.calls import CallResult, CycleContext, place_call
+from balancer.db.calls import CallResult
 from balancer.db.connection import Connection
+from balancer.db.fence import FenceLost, LeaderFence
 from balancer.db.records import CarrierRow
 from balancer.db.retries import RetrySkipped, replace_call
 from balancer.db.worker import DbWorker
@@ -397,8 +399,9 @@ def test_reconfigure_keeps_the_state_of_kept_carriers() -> None:
 # --------------------------------------------------------------------------- failover, events
 
 
-def failover_of(health: CarrierHealth) -> Failover:
-    return Failover(SETTINGS, health, now=lambda: EXAMPLE_NOW)
+def failover_of(health: CarrierHealth, fence: LeaderFence | None = None) -> Failover:
+    """A failover leading with ``fence`` (one that never leads without it)."""
+    return Failover(SETTINGS, health, fence=lambda: fence, now=lambda: EXAMPLE_NOW)
 
 
 def hangup_event(code: str, cause: int, state: str = "0") -> dict[str, str]:
@@ -469,17 +472,12 @@ def test_the_recorded_session_carries_the_caller_code_on_every_leg() -> None:
 # --------------------------------------------------------------------------- replace_call
 
 
-def first_call(db: Connection, health: CarrierHealth) -> tuple[CallResult, PlacedCall]:
+async def first_call(db: Connection, health: CarrierHealth) -> tuple[CallResult, PlacedCall]:
     seed.example(db)
     snap = seed.snapshot(db)
     server, campaign = snap.servers["10.10.0.1"], snap.campaigns["CAMP1"]
-    result = place_call(
-        db,
-        server,
-        campaign,
-        CycleContext(EXAMPLE_NOW, False, "c1"),
-        route=lambda ip, code, number: health.choose(ip, code, number),
-    )
+    plan = seed.one_placement("CAMP1", "10.10.0.1")
+    [result] = (await seed.run_plan(db, plan, router=health)).results
     assert isinstance(result, CallResult)
     call = PlacedCall(
         result.caller_code,
@@ -499,14 +497,16 @@ def first_call(db: Connection, health: CarrierHealth) -> tuple[CallResult, Place
 def test_replace_call_re_places_a_lead_once_on_the_next_carrier(db: Connection) -> None:
     health, _ = make()
     health.update_registry({}, [CarrierRow(c.id, "0.0.0.0", "SIP", "") for c in CARRIERS], ())
-    result, call = first_call(db, health)
+    result, call = asyncio.run(first_call(db, health))
     assert result.carrier_id == "alpha" and result.dial_string == "713125550001"
     beta = CarrierPick("beta", "8", "default", 1)
-    assert replace_call(db, call, beta, "alpha", 34, lambda: False) == RetrySkipped(
-        "lost leadership: fencing check failed before commit"
-    )
+    old = seed.take_lease(db)
+    execute(db, "UPDATE vb_leader SET expires_at = NOW(6) - INTERVAL 1 SECOND")
+    fence = seed.take_lease(db, "new-leader")
+    with pytest.raises(FenceLost):
+        replace_call(db, old, call, beta, "alpha", 34)
     assert fetchall(db, "SELECT COUNT(*) AS n FROM vb_call_retries") == [{"n": 0}]
-    retry = replace_call(db, call, beta, "alpha", 34)
+    retry = replace_call(db, fence, call, beta, "alpha", 34)
     assert isinstance(retry, CallResult)
     assert retry.dial_string == "813125550001" and retry.caller_code != call.caller_code
     assert retry.caller_code.endswith("0000100001")  # same lead
@@ -522,19 +522,19 @@ def test_replace_call_re_places_a_lead_once_on_the_next_carrier(db: Connection) 
     assert lead == {"status": "INCALL", "called_count": 1}  # the number was never reached
     assert seed.count(db, "vicidial_dial_log") == 2
     retries = fetchall(db, "SELECT * FROM vb_call_retries")
-    assert [(r["caller_code"], r["retry_caller_code"], r["hangup_cause"]) for r in retries] == [
-        (call.caller_code, retry.caller_code, 34)
-    ]
+    assert [
+        (r["caller_code"], r["retry_caller_code"], r["hangup_cause"], r["state"]) for r in retries
+    ] == [(call.caller_code, retry.caller_code, 34, "placed")]
     # never twice, and never a retry of the retry
-    assert replace_call(db, call, beta, "alpha", 34) == RetrySkipped(
+    assert replace_call(db, fence, call, beta, "alpha", 34) == RetrySkipped(
         "the lead has another call in progress (" + retry.caller_code + ")"
     )
     execute(db, "DELETE FROM vicidial_auto_calls")  # (VICIdial cleaned the retry's row up)
-    assert replace_call(db, call, beta, "alpha", 34) == RetrySkipped(
+    assert replace_call(db, fence, call, beta, "alpha", 34) == RetrySkipped(
         "already re-placed once (vb_call_retries)"
     )
     again = replace(call, caller_code=retry.caller_code)
-    assert replace_call(db, again, beta, "alpha", 34) == RetrySkipped(
+    assert replace_call(db, fence, again, beta, "alpha", 34) == RetrySkipped(
         "the failed call was itself a retry (vb_call_retries)"
     )
     assert seed.count(db, "vicidial_manager") == 2
@@ -545,8 +545,8 @@ async def test_failover_retries_once_and_logs_every_decision(
 ) -> None:
 
     health, _ = make()
-    failover = failover_of(health)
-    _, call = first_call(db, health)
+    _, call = await first_call(db, health)
+    failover = failover_of(health, seed.take_lease(db))
     health.placed(call)  # what the executor does after the commit
     Feed(health).fail("10.10.0.1", "alpha", 34, times=3)
     worker = DbWorker(database_url)
@@ -570,7 +570,11 @@ async def test_failover_retries_once_and_logs_every_decision(
         stop.set()
         await runner
         await worker.close()
-    rows = fetchall(db, "SELECT kind, outcome, carrier_id, reason FROM vb_decision_log ORDER BY id")
+    rows = fetchall(
+        db,
+        "SELECT kind, outcome, carrier_id, reason FROM vb_decision_log WHERE kind = 'failover'"
+        " ORDER BY id",
+    )
     assert [(r["kind"], r["outcome"], r["carrier_id"]) for r in rows] == [
         ("failover", "retried", "beta"),
         ("failover", "not_retried", "beta"),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest_asyncio
 from click.testing import CliRunner, Result
+from conftest import execute
 from tracking_helpers import seed_server
 
 from balancer.ami.endpoint import AmiEndpoint
@@ -95,7 +96,12 @@ async def test_working_setup_all_ok(
     result = await invoke(write_config(tmp_path, database_url, redis_db))
     assert result.exit_code == 0, result.output
     assert lines(result, "ok   config ")
-    assert lines(result, "ok   mysql  ") == [f"ok   mysql  {database_url} (schema ok)"]
+    (mysql_line,) = lines(result, "ok   mysql  ")
+    assert mysql_line.startswith(
+        f"ok   mysql  {database_url} (schema ok; no leader; write path: ordered fenced writes"
+        " + repair, no transactions (MyISAM/MEMORY tables); engines: MEMORY: vicidial_auto_calls,"
+        " vicidial_hopper; MyISAM: vb_leader, vicidial_dial_cid_log,"
+    ), mysql_line
     assert "***" in str(database_url) or not database_url.password
     (redis_line,) = lines(result, "ok   redis  ")
     assert "127.0.0.1:6379" in redis_line and "'vbchk:'" in redis_line
@@ -200,3 +206,16 @@ async def test_login_check_times_out_on_a_silent_server(sims: list[SimAsterisk])
     assert result == CheckResult(
         "ami", False, f"10.10.0.1  {sims[0].address}: no answer to Login within 0.3s"
     )
+
+
+async def test_a_fence_table_without_table_locks_fails_the_check(
+    tmp_path: Path, db: Connection, database_url: DatabaseUrl, redis_db: str
+) -> None:
+    execute(db, "ALTER TABLE vb_leader ENGINE=InnoDB")
+    try:
+        result = await invoke(write_config(tmp_path, database_url, redis_db))
+    finally:
+        execute(db, "ALTER TABLE vb_leader ENGINE=MyISAM")
+    (line,) = lines(result, "FAIL mysql ")
+    assert "vb_leader is InnoDB: the leader fence needs a table-locking engine" in line
+    assert result.exit_code == 1

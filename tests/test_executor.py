@@ -1,4 +1,5 @@
-"""The executor on a real MariaDB: pacing, fencing, stops, bookkeeping, and one end-to-end run."""
+"""The executor on a real MariaDB, with VICIdial's stock engines and on InnoDB: pacing on an
+injected clock, fencing, stops, bookkeeping, and one end-to-end run."""
 
 from __future__ import annotations
 
@@ -9,16 +10,22 @@ from typing import Any
 
 import balance_seed as seed
 import pytest
-from conftest import execute, fetchall
+from conftest import both_engines, execute, fetchall
 from fixtures_sim import SimFactory
 
-from balancer.balance.executor import LOST_LEADERSHIP, ExecutionReport, Executor
+from balancer.balance.executor import LOST_LEADERSHIP, NOT_LEADER, ExecutionReport, Executor
 from balancer.balance.model import CampaignPlan, DbSnapshot, Placement, Plan, Skip
 from balancer.carriers.routing import CarrierPick, NoCarrier, PlacedCall
 from balancer.db.connection import Connection
 from balancer.db.url import DatabaseUrl
 from balancer.db.worker import DbWorker
 from balancer.sim import CommandSender
+
+
+@pytest.fixture(params=["stock", "innodb"])
+def database_url(request: pytest.FixtureRequest) -> DatabaseUrl:
+    """Every test here runs on VICIdial's MyISAM/MEMORY tables and on InnoDB copies."""
+    return both_engines(request)
 
 
 @pytest.fixture
@@ -30,21 +37,26 @@ async def worker(database_url: DatabaseUrl) -> AsyncIterator[DbWorker]:
 
 
 class FakeSleep:
-    """Records every pause instead of waiting; ``clock`` moves on by the pauses (and overruns)."""
+    """Records every pause instead of waiting; ``clock`` moves on by the pauses (and overruns)
+    only, so a schedule can be checked exactly, however slow the machine is."""
 
     def __init__(self, overrun_s: float = 0.0) -> None:
         self.pauses: list[float] = []
         self.overruns = [overrun_s]  # the last value repeats
         self.slept = 0.0
+        self.on_pause: dict[int, Any] = {}  # after the n-th pause (1-based): call this
 
     async def __call__(self, seconds: float) -> None:
         self.pauses.append(seconds)
         overrun = self.overruns.pop(0) if len(self.overruns) > 1 else self.overruns[0]
         self.slept += seconds + overrun
+        hook = self.on_pause.get(len(self.pauses))
+        if hook is not None:
+            hook()
 
     def clock(self) -> float:
-        """The event loop's clock plus the time spent in fake sleeps."""
-        return asyncio.get_running_loop().time() + self.slept
+        """The time spent in fake sleeps: SQL takes no time on this clock."""
+        return self.slept
 
 
 def make_plan(
@@ -75,11 +87,13 @@ def make_plan(
 
 
 def cluster(db: Connection, leads: int, *, campaigns: tuple[str, ...] = ("CAMP1",)) -> None:
-    """Servers 10.10.0.1 and 10.10.0.2, the campaigns, list 101 and ``leads`` leads each."""
+    """Servers 10.10.0.1 and 10.10.0.2, the campaigns (with their stats rows, as VICIdial
+    creates them), list 101 and ``leads`` leads each."""
     seed.server(db, "10.10.0.1", vicidial_balance_rank=1)
     seed.server(db, "10.10.0.2")
     for index, camp in enumerate(campaigns):
         seed.campaign(db, camp)
+        seed.insert(db, "vicidial_campaign_stats", campaign_id=camp)
         seed.leads(db, leads, camp, first=1 + index * 1000)
     seed.lead_list(db, 101)
 
@@ -98,8 +112,17 @@ async def run(
 ) -> tuple[ExecutionReport, DbSnapshot]:
     snap = seed.snapshot(db)
     kwargs.setdefault("dst", lambda _now: False)
+    if "fence" not in kwargs:
+        held = seed.take_lease(db)
+        kwargs["fence"] = lambda: held
     executor = Executor(worker, **kwargs)
     return await executor.execute(plan, snap, "cycle-1"), snap
+
+
+def take_over(db: Connection) -> None:
+    """Another balancer takes the lease over (the current one expired)."""
+    execute(db, "UPDATE vb_leader SET expires_at = NOW(6) - INTERVAL 1 SECOND")
+    seed.take_lease(db, "the-other-balancer")
 
 
 def fills(db: Connection) -> dict[str, int]:
@@ -117,11 +140,10 @@ async def test_pacing_holds_the_rate_after_every_call(worker: DbWorker, db: Conn
     assert report.stopped is None and report.errors == []
     assert report.placed == {("CAMP1", "10.10.0.1"): 12, ("CAMP1", "10.10.0.2"): 8}
     assert report.total_placed == 20
-    # one pause after every call, the last one too; each is the pace minus the call's own time
-    assert len(sleep.pauses) == 20
-    assert all(0.5 < p <= 1.0 for p in sleep.pauses)
-    assert 18.0 <= sum(sleep.pauses) <= 20.0
-    assert 20.0 <= report.duration_s < 20.5
+    # one pause after every call, the last one too: the pace minus the call's own time (which
+    # is none on this clock), so the starts keep the schedule exactly
+    assert sleep.pauses == [1.0] * 20
+    assert report.duration_s == pytest.approx(20.0)
     by_server = fetchall(
         db, "SELECT server_ip, COUNT(*) AS n FROM vicidial_manager GROUP BY server_ip"
     )
@@ -160,8 +182,8 @@ async def test_pacing_takes_overruns_off_the_next_wait(worker: DbWorker, db: Con
     report, _ = await run(worker, db, plan, sleep=sleep, clock=sleep.clock)
     assert report.total_placed == 10
     # 10 calls take 10 paces (+ the last overrun), not 10 x 1.2 s
-    assert 10.2 <= report.duration_s < 10.7
-    assert all(0.5 < p <= 0.8 for p in sleep.pauses[1:])
+    assert report.duration_s == pytest.approx(10.2)
+    assert sleep.pauses[0] == 1.0 and sleep.pauses[1:] == pytest.approx([0.8] * 9)
 
 
 async def test_pacing_never_bursts_after_a_stall(worker: DbWorker, db: Connection) -> None:
@@ -172,7 +194,7 @@ async def test_pacing_never_bursts_after_a_stall(worker: DbWorker, db: Connectio
     report, _ = await run(worker, db, plan, sleep=sleep, clock=sleep.clock)
     assert report.total_placed == 5
     # after the stall the schedule restarts: full waits, no back-to-back calls to catch up
-    assert all(0.5 < p <= 1.0 for p in sleep.pauses)
+    assert sleep.pauses == [1.0] * 5
 
 
 async def test_zero_pace_still_yields(worker: DbWorker, db: Connection) -> None:
@@ -182,53 +204,45 @@ async def test_zero_pace_still_yields(worker: DbWorker, db: Connection) -> None:
     assert report.total_placed == 3 and sleep.pauses == [0.0, 0.0, 0.0]
 
 
-async def test_lost_leadership_stops_the_cycle(worker: DbWorker, db: Connection) -> None:
+async def test_a_takeover_mid_cycle_stops_it_and_leaves_the_rest_to_repair(
+    worker: DbWorker, db: Connection
+) -> None:
     cluster(db, 10)
-    checks = 0
-
-    async def fence() -> bool:
-        nonlocal checks
-        checks += 1
-        return checks <= 5
-
     sleep = FakeSleep()
+    sleep.on_pause[5] = lambda: take_over(db)  # after the fifth call
     plan = make_plan([("CAMP1", "10.10.0.1", 8), ("CAMP1", "10.10.0.2", 2)])
-    report, _ = await run(worker, db, plan, fence=fence, sleep=sleep)
+    report, snap = await run(worker, db, plan, sleep=sleep)
     assert report.stopped == LOST_LEADERSHIP
     assert report.errors == []  # not an error: another balancer leads now
     assert report.placed == {("CAMP1", "10.10.0.1"): 5}
     assert report.short == {("CAMP1", "10.10.0.1"): 3, ("CAMP1", "10.10.0.2"): 2}
-    assert checks == 6 and len(sleep.pauses) == 5
+    assert len(sleep.pauses) == 5
     assert seed.count(db, "vicidial_manager") == 5
     assert seed.count(db, "vicidial_auto_calls") == 5
-    # no lead is left claimed: the refused call rolled back, the rest were never touched
-    assert hopper_statuses(db) == {lead: ("READY", None) for lead in range(6, 11)}
+    # the old leader wrote nothing more: no fill, no decision, its claimed rows as they were
+    assert fills(db) == {"CAMP1": 0}
+    assert decisions(db) == []
+    statuses = hopper_statuses(db)
+    assert sorted(s for s, _ in statuses.values()) == ["INCALL"] * 5 + ["QUEUE"] * 3 + ["READY"] * 2
+    # the new leader's repair settles them: dialed rows go, the others are READY again
+    new = seed.take_lease(db, "the-other-balancer")
+    from balancer.db.repair import repair
+
+    found = repair(db, new, snap.servers, lambda _now: False)
+    assert sorted(found.cleared) == [1, 2, 3, 4, 5] and sorted(found.undone) == [6, 7, 8]
+    assert hopper_statuses(db) == {lead: ("READY", "") for lead in (6, 7, 8)} | {
+        9: ("READY", None),
+        10: ("READY", None),
+    }
     assert seed.count(db, "vicidial_list", "status = 'NEW' AND called_count = 0") == 5
-    # the bookkeeping write is fenced too, so a former leader leaves it to the new one
-    assert fills(db) == {}
-    outcomes = [(d["outcome"], d["reason"]) for d in decisions(db)]
-    assert outcomes[:5] == [("placed", "fill 8 on 10.10.0.1")] * 5
-    assert outcomes[5] == ("stopped", LOST_LEADERSHIP)
-    assert json.loads(decisions(db)[5]["details"]) == {"calls_not_placed": 5}
 
 
-async def test_a_fence_that_hangs_or_fails_refuses(worker: DbWorker, db: Connection) -> None:
+async def test_without_the_lease_nothing_is_written(worker: DbWorker, db: Connection) -> None:
     cluster(db, 2)
-
-    async def hangs() -> bool:
-        await asyncio.sleep(10)
-        return True
-
     plan = make_plan([("CAMP1", "10.10.0.1", 2)])
-    report, _ = await run(worker, db, plan, fence=hangs, fence_timeout_s=0.1, sleep=FakeSleep())
-    assert report.stopped == LOST_LEADERSHIP and report.total_placed == 0
-
-    async def broken() -> bool:
-        raise RuntimeError("store unreachable")
-
-    report, _ = await run(worker, db, plan, fence=broken, sleep=FakeSleep())
-    assert report.stopped == LOST_LEADERSHIP and report.total_placed == 0
-    assert seed.count(db, "vicidial_manager") == 0
+    report, _ = await run(worker, db, plan, fence=lambda: None, sleep=FakeSleep())
+    assert report.stopped == NOT_LEADER and report.total_placed == 0
+    assert seed.count(db, "vicidial_manager") == 0 and decisions(db) == []
     assert hopper_statuses(db) == {1: ("READY", None), 2: ("READY", None)}
 
 
@@ -283,10 +297,14 @@ async def test_database_error_stops_the_cycle(
     assert report.stopped is not None and report.stopped.startswith("database error")
     assert len(report.errors) == 1 and "injected failure" in report.errors[0]
     assert report.placed == {("CAMP1", "10.10.0.1"): 2}
-    assert hopper_statuses(db) == {lead: ("READY", None) for lead in range(3, 7)}
+    # lead 3's call was cut after its first write: the repair step undid it at once
+    assert report.repaired.undone == [3]
+    assert hopper_statuses(db) == {lead: ("READY", "") for lead in (3, 4, 5)} | {6: ("READY", None)}
     assert seed.count(db, "vicidial_manager") == 2
+    assert seed.count(db, "vicidial_auto_calls") == 2
     assert fills(db) == {"CAMP1": 3}  # what was placed is still recorded
-    assert decisions(db)[-1]["outcome"] == "stopped"
+    assert decisions(db)[-1]["outcome"] == "repaired"
+    assert "stopped" in [d["outcome"] for d in decisions(db)]
 
 
 async def test_reset_fill(worker: DbWorker, db: Connection) -> None:
@@ -375,20 +393,15 @@ async def test_end_to_end_with_simulated_servers(
         assert {ch.cid_name for ch in trunks} == codes
 
 
-async def test_leadership_lost_before_the_bookkeeping(worker: DbWorker, db: Connection) -> None:
+async def test_a_takeover_after_the_last_call_stores_no_fill(
+    worker: DbWorker, db: Connection
+) -> None:
     cluster(db, 2)
-    checks = 0
-
-    async def fence() -> bool:
-        nonlocal checks
-        checks += 1
-        return checks <= 2  # both calls commit; the fill write is refused
-
-    plan = make_plan([("CAMP1", "10.10.0.1", 2)])
-    report, _ = await run(worker, db, plan, fence=fence, sleep=FakeSleep())
-    assert report.total_placed == 2 and report.stopped == LOST_LEADERSHIP and checks == 3
-    assert fills(db) == {}
-    assert decisions(db)[-1]["reason"] == f"{LOST_LEADERSHIP}: balance_trunk_fill not stored"
+    sleep = FakeSleep()
+    sleep.on_pause[2] = lambda: take_over(db)
+    report, _ = await run(worker, db, make_plan([("CAMP1", "10.10.0.1", 2)]), sleep=sleep)
+    assert report.total_placed == 2 and report.stopped == LOST_LEADERSHIP
+    assert fills(db) == {"CAMP1": 0} and decisions(db) == []
 
 
 # --------------------------------------------------------------------------- carrier routing
@@ -465,7 +478,7 @@ async def test_leads_no_carrier_can_take_stay_in_the_hopper_and_are_logged(
     assert sorted(r.lead_id for r in report.results) == [2, 3, 4, 5]
     # asked once per planned server, then passed over there for the rest of the cycle
     assert report.unrouted == 2
-    assert hopper_statuses(db) == {1: ("READY", None)}
+    assert hopper_statuses(db) == {1: ("READY", "")}  # back as VICIdial's hopper writes it
     rows = [d for d in decisions(db) if d["outcome"] == "no_carrier"]
     assert [(d["lead_id"], d["server_ip"]) for d in rows] == [(1, "10.10.0.1"), (1, "10.10.0.2")]
     assert "lead stays in the hopper" in str(rows[0]["reason"])

@@ -132,11 +132,15 @@ def failover_decisions(db: Connection) -> list[dict[str, Any]]:
     )
 
 
-def assert_one_live_call_per_lead(db: Connection) -> None:
+def assert_one_live_call_per_lead(db: Connection, *, settled: bool = False) -> None:
+    """One call in progress per lead; no lead left claimed (while the daemon runs, a placement
+    may be in flight: its rows carry our claim marker until it ends)."""
     calls = fetchall(db, "SELECT lead_id FROM vicidial_auto_calls")
     leads = [r["lead_id"] for r in calls]
     assert len(leads) == len(set(leads)), "a lead has two calls in progress"
-    claimed = fetchall(db, "SELECT lead_id FROM vicidial_hopper WHERE status <> 'READY'")
+    claimed = fetchall(db, "SELECT lead_id, user FROM vicidial_hopper WHERE status <> 'READY'")
+    if not settled:
+        claimed = [r for r in claimed if not str(r["user"]).startswith("VB")]
     assert claimed == [], f"leads left claimed: {claimed}"
 
 
@@ -311,7 +315,7 @@ async def test_line_caps_hold_under_load(
         assert mine.count("alpha") == 3 and mine.count("beta") == 9
     assert max(peak.values()) == 3
     assert all(sim.trunk_lines_in_use("alpha") == 3 for sim in cluster[1:])
-    assert_one_live_call_per_lead(db)
+    assert_one_live_call_per_lead(db, settled=True)
 
 
 async def test_retry_happens_once_and_only_for_trunk_failures(

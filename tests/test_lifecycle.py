@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from conftest import fetchall
 from tracking_helpers import eventually, health_is, seed_server
 
 from balancer.config import load_config
@@ -96,13 +97,8 @@ async def test_sigterm_shuts_down_in_order_within_5s(
     assert time.monotonic() - begun < 5
     assert not daemon.leadership.leading
     # The lease was released (not left to expire) and every AMI session logged off.
-    from balancer.store.redis import RedisStore
-
-    store = RedisStore(redis_db, "vblife:")
-    try:
-        assert await store.lease_holder() != token
-    finally:
-        await store.close()
+    [lease] = fetchall(db, "SELECT holder, expires_at < NOW(6) AS expired FROM vb_leader")
+    assert lease["holder"] != token and lease["expired"] == 1
     await eventually(lambda: _no_clients(sims), timeout=2)
     # The handlers were removed: SIGTERM is back to its default disposition.
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler)

@@ -47,6 +47,14 @@ BALANCER_TABLES = {
     "vb_schema_version",
     "vb_campaign_grouping",
     "vb_call_retries",
+    "vb_leader",
+}
+# VICIdial's own engines (its install creates MyISAM, then alters the live tables to MEMORY).
+MEMORY_TABLES = {
+    "vicidial_hopper",
+    "vicidial_auto_calls",
+    "vicidial_campaign_server_stats",
+    "server_updater",
 }
 
 
@@ -130,7 +138,7 @@ def test_expected_tables_cover_every_vicidial_and_balancer_table() -> None:
     assert "ASTmgrUSERNAME" in tables["servers"]
     assert tables["vb_login_flags"] == ["server_ip", "set_to", "previous", "reason", "changed_at"]
     # COMMENT clauses with ';' and ',' inside do not break the parse.
-    assert tables["vb_decision_log"][-1] == "details"
+    assert tables["vb_decision_log"][-2:] == ["details", "epoch"]
 
 
 def test_statements_handles_comments_and_quoted_semicolons(tmp_path: Path) -> None:
@@ -175,15 +183,22 @@ def test_install_creates_every_table_with_its_columns(
             table,
         )
         assert [row["c"] for row in actual] == columns, table
-    engines = rows(
-        conn,
-        "SELECT DISTINCT engine AS e FROM information_schema.tables"
-        " WHERE table_schema = DATABASE()",
-    )
-    assert [row["e"] for row in engines] == ["InnoDB"]
+    engines = {
+        str(row["t"]): str(row["e"])
+        for row in rows(
+            conn,
+            "SELECT table_name AS t, engine AS e FROM information_schema.tables"
+            " WHERE table_schema = DATABASE()",
+        )
+    }
+    for table in VICIDIAL_TABLES:
+        assert engines[table] == ("MEMORY" if table in MEMORY_TABLES else "MyISAM"), table
+    assert engines["vb_leader"] == "MyISAM"  # the fence's table lock (balancer/db/fence.py)
+    for table in BALANCER_TABLES - {"vb_leader"}:
+        assert engines[table] == "InnoDB", table
     assert schema.check(conn) == []
-    assert rows(conn, "SELECT version FROM vb_schema_version") == [
-        {"version": schema.SCHEMA_VERSION}
+    assert rows(conn, "SELECT version FROM vb_schema_version ORDER BY version") == [
+        {"version": v} for v in range(1, schema.SCHEMA_VERSION + 1)
     ]
 
 
@@ -595,3 +610,48 @@ def test_other_vicidial_defaults(db: Connection) -> None:
     run(db, "INSERT INTO server_updater (server_ip, last_update) VALUES ('10.7.7.7', NOW())")
     with pytest.raises(pymysql.err.IntegrityError):
         run(db, "INSERT INTO server_updater (server_ip, last_update) VALUES ('10.7.7.7', NOW())")
+
+
+def test_install_with_an_engine_converts_vicidials_tables_only(empty_db: Connection) -> None:
+    report = schema.install(empty_db, engine="InnoDB")
+    assert report.existing == []
+    engines = {
+        str(row["t"]): str(row["e"])
+        for row in rows(
+            empty_db,
+            "SELECT table_name AS t, engine AS e FROM information_schema.tables"
+            " WHERE table_schema = DATABASE()",
+        )
+    }
+    assert {engines[t] for t in VICIDIAL_TABLES} == {"InnoDB"}
+    assert engines["vb_leader"] == "MyISAM"
+    with pytest.raises(DatabaseError, match="engine 'HEAP'"):
+        schema.install(empty_db, engine="HEAP")
+
+
+def test_an_old_schema_is_upgraded_in_order_and_check_names_it(empty_db: Connection) -> None:
+    """A version-1 install (before vb_call_retries, the fence and decision epochs) upgrades."""
+    schema.install(empty_db)
+    with empty_db.cursor() as cur:
+        cur.execute("DROP TABLE vb_call_retries, vb_leader")
+        cur.execute("ALTER TABLE vb_decision_log DROP COLUMN epoch")
+        cur.execute("DELETE FROM vb_schema_version WHERE version > 1")
+    problems = [p.message for p in schema.check(empty_db)]
+    assert any("schema version 1, this balancer needs 3" in m for m in problems), problems
+    report = schema.install(empty_db)
+    assert sorted(report.created) == ["vb_call_retries", "vb_leader"]
+    assert report.migrated == [2, 3]
+    assert schema.check(empty_db) == []
+    columns = rows(
+        empty_db,
+        "SELECT column_name AS c FROM information_schema.columns WHERE table_schema = DATABASE()"
+        " AND table_name = 'vb_decision_log' AND column_name = 'epoch'",
+    )
+    assert columns == [{"c": "epoch"}]
+    # idempotent: nothing more to do
+    again = schema.install(empty_db)
+    assert again.created == [] and again.migrated == []
+    # a half-applied step (the column already there) is run again without harm
+    with empty_db.cursor() as cur:
+        cur.execute("DELETE FROM vb_schema_version WHERE version = 3")
+    assert schema.install(empty_db).migrated == [3]

@@ -523,38 +523,6 @@ async def test_foreign_data_is_a_store_error(redis_store: RedisStore, redis_db: 
         await redis_store.apply(IP2, [trunk("1.1")], [])
 
 
-async def test_lease_is_exclusive_renewable_and_expires(make_store: MakeStore) -> None:
-    store = make_store()
-    assert await store.lease_holder() is None
-    assert await store.acquire_lease("a", 0.3)
-    assert not await store.acquire_lease("b", 0.3)  # taken
-    assert await store.acquire_lease("a", 0.3)  # renewal by the holder
-    assert await store.holds_lease("a") and not await store.holds_lease("b")
-    assert await store.lease_holder() == "a"
-    await asyncio.sleep(0.4)  # expired without renewal: a standby takes over
-    assert not await store.holds_lease("a")
-    assert await store.acquire_lease("b", 5)
-    assert not await store.acquire_lease("a", 5)
-    await store.release_lease("a")  # not ours: nothing happens
-    assert await store.holds_lease("b")
-    await store.release_lease("b")
-    assert await store.lease_holder() is None
-
-
-async def test_lease_seen_by_a_second_instance(redis_db: str) -> None:
-    first = RedisStore(redis_db, "vblease:", 5)
-    second = RedisStore(redis_db, "vblease:", 5)
-    try:
-        assert await first.acquire_lease("one", 5)
-        assert not await second.acquire_lease("two", 5)
-        assert await second.lease_holder() == "one"
-        await first.release_lease("one")
-        assert await second.acquire_lease("two", 5)
-    finally:
-        await first.close()
-        await second.close()
-
-
 async def test_documents_expire(make_store: MakeStore) -> None:
     store = make_store()
     assert await store.get_document("balance") is None

@@ -9,11 +9,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from balancer.balance.executor import ExecutionReport, Executor
+from balancer.balance.executor import NOT_LEADER, ExecutionReport, Executor
 from balancer.balance.model import OUTBALANCE, DbSnapshot, LiveServer, Plan
 from balancer.balance.planner import plan_cycle
 from balancer.config import Config
@@ -54,19 +53,12 @@ async def live_view(store: StateStore) -> dict[str, LiveServer]:
 class BalanceCycle:
     """Reads, plans and (when leading) executes one cycle at a time."""
 
-    def __init__(
-        self,
-        config: Config,
-        store: StateStore,
-        db: DbWorker,
-        fence: Callable[[], Awaitable[bool]] | None = None,
-        executor: Executor | None = None,
-    ) -> None:
+    def __init__(self, config: Config, store: StateStore, db: DbWorker, executor: Executor) -> None:
+        """Read through ``db``; ``executor`` writes under its lease (it knows whether we lead)."""
         self.config = config
         self.store = store
         self.db = db
-        self.fence = fence
-        self.executor = executor or Executor(db, fence=fence)
+        self.executor = executor
         self.cycles = 0
         self.calls_placed = 0
         self._recent: deque[tuple[float, str, int]] = deque()  # (monotonic, campaign, calls)
@@ -76,7 +68,7 @@ class BalanceCycle:
         return f"{datetime.now():%Y%m%d%H%M%S}-{self.cycles}"
 
     async def run(self, *, dry_run: bool = False) -> CycleResult:
-        """One cycle. Executes only when not a dry run and the fence says we lead."""
+        """One cycle. Executes only when not a dry run and this process holds the lease."""
         started = time.monotonic()
         cycle_id = self._cycle_id()
         balance = self.config.balance
@@ -87,8 +79,8 @@ class BalanceCycle:
         report: ExecutionReport | None = None
         if dry_run:
             skipped = "dry run: nothing written"
-        elif self.fence is not None and not await self.fence():
-            skipped = "not the leader: another balancer places calls"
+        elif self.executor.fence() is None:
+            skipped = NOT_LEADER
         else:
             report = await self.executor.execute(plan, snapshot, cycle_id)
             self.calls_placed += report.total_placed

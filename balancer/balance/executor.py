@@ -1,56 +1,63 @@
-"""Turning a Plan into balance calls: one fenced transaction per call, paced to the CPS limit.
+"""Turning a Plan into balance calls on VICIdial's own tables: claimed, written in a safe order,
+fenced by the leader's epoch, paced to the CPS limit, repaired after any failure.
 
-Each call runs `place_call` on the DbWorker's thread. Right before its COMMIT the worker thread
-asks the leader fence, which is async and lives on the event loop, so the check is handed back to
-the loop and awaited from the thread: a leader that lost its lease cannot commit a call. After
-every call (the last one too) the executor waits until ``plan.pace_ms`` after the call's start,
-so SQL time is part of the pace. Starts are kept on a schedule (start of call n = start of call
-n-1 + pace): a sleep that overran (asyncio wakes up to a millisecond late, a lot at 200 calls/s)
-is taken off the next wait, so the rate holds the configured calls per second. A call that
-starts more than one pace behind its slot (a slow transaction) restarts the schedule instead of
-bursting to catch up: the rate never exceeds the limit.
+Each cycle starts with the repair step (balancer/db/repair.py): whatever a crash, an error or a
+former leader left between two writes is finished or undone first. Then, per placement, the
+executor claims READY hopper rows in one conditional statement (balancer/db/leads.py), chooses
+each lead's carrier (on the event loop, where carrier health lives), and writes each call
+(balancer/db/calls.py, the Originate last). Every statement carries the fence; a FenceLost stops
+the cycle at once and leaves the rest to the new leader's repair. After the placement, claimed
+rows not dialed are put back READY and dialed rows are deleted. A database error stops the cycle
+and runs the repair step straight away (and again at the next cycle if that failed too).
 
-With a call router (carrier routing, balancer/carriers/health.py) every call's carrier is chosen
-inside its transaction, on the event loop like the fence (carrier health lives there). A call no
-carrier can take on its planned server may go to another server the plan gives the same
-campaign calls, if that server has lines to spare by the planner's own rules; a lead no carrier
-can take anywhere stays in the hopper, and the decision log says why.
+Pacing: after every call (the last one too) the executor waits until ``plan.pace_ms`` after the
+call's start, so SQL time is part of the pace. Starts are kept on a schedule (start of call n =
+start of call n-1 + pace): a sleep that overran is taken off the next wait, so the rate holds
+the configured calls per second. A call that starts more than one pace behind its slot (a slow
+database) restarts the schedule instead of bursting to catch up.
+
+A call no carrier can take on its planned server may go to another server the plan gives the
+same campaign calls, if that server has lines to spare by the planner's own rules; a lead no
+carrier can take anywhere stays in the hopper, and the decision log says why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TypeVar
 
 import pymysql
 
-from balancer.balance.model import DbSnapshot, Placement, Plan
-from balancer.balance.rules import Counts, allowed_lines, free_lines
+from balancer.balance.fields import claim_marker, dial_prefix
+from balancer.balance.headroom import Headroom, HopperPool
+from balancer.balance.model import CampaignInfo, DbSnapshot, Placement, Plan, ServerInfo
 from balancer.carriers.routing import CallRouter, CarrierPick, NoCarrier, PlacedCall
-from balancer.db.calls import (
-    CallResult,
-    Chooser,
-    CycleContext,
-    Unrouted,
-    UnroutedLead,
-    place_call,
-)
+from balancer.db import leads
+from balancer.db.calls import CallResult, CycleContext, write_call
 from balancer.db.cycle_log import Decision, details, finish_cycle, log_decisions
-from balancer.db.worker import DbWorker
+from balancer.db.engines import write_path
+from balancer.db.fence import FenceLost, LeaderFence
+from balancer.db.leads import HopperRow, Lead
+from balancer.db.repair import RepairReport, repair
+from balancer.db.worker import DbRunner
 from balancer.errors import DatabaseError
 
 log = logging.getLogger(__name__)
 
 KIND = "balance"
-LOST_LEADERSHIP = "lost leadership: fencing check failed before commit"
-T = TypeVar("T")
+LOST_LEADERSHIP = "lost leadership: another balancer's epoch holds the lease"
+NOT_LEADER = "not the leader: another balancer places calls"
+SHUTTING_DOWN = "shutting down: the remaining calls are left to the next cycle"
+# Leads in a row no carrier can take before a placement gives up for this cycle.
+_UNROUTED_SCAN = 5
+_DB_ERRORS = (DatabaseError, pymysql.err.Error)
 
 
 def local_dst(moment: datetime) -> bool:
@@ -72,6 +79,8 @@ class ExecutionReport:
     unrouted: int = 0  # leads left in the hopper because no carrier could take them
     decisions_logged: int = 0
     duration_s: float = 0.0
+    epoch: int | None = None
+    repaired: RepairReport = field(default_factory=RepairReport)
 
     @property
     def total_placed(self) -> int:
@@ -79,149 +88,67 @@ class ExecutionReport:
         return len(self.results)
 
 
-class Fence:
-    """The async fence called from the DB worker thread; remembers a refusal."""
+def route_call(
+    router: CallRouter | None,
+    server: ServerInfo,
+    alternates: Sequence[ServerInfo],
+    phone_code: str,
+    number: str,
+) -> tuple[ServerInfo, CarrierPick | None, NoCarrier | None]:
+    """(server, carrier) for one number: the planned server first, then the alternates.
 
-    def __init__(
-        self,
-        fence: Callable[[], Awaitable[bool]] | None,
-        loop: asyncio.AbstractEventLoop,
-        timeout_s: float,
-    ) -> None:
-        self._fence = fence
-        self._loop = loop
-        self._timeout_s = timeout_s
-        self.refused = False
-
-    def check(self) -> bool:
-        """True when we may commit (runs on the worker thread; blocks on the loop's answer)."""
-        if self._fence is None:
-            return True
-        fence = self._fence
-
-        async def ask() -> bool:
-            return await fence()
-
-        future = asyncio.run_coroutine_threadsafe(ask(), self._loop)
+    No carrier anywhere gives a NoCarrier naming each server's problem. A number the routes do
+    not cover (or routing bypassed) is not routed: the planned server, the campaign's prefix.
+    A router that raises fails closed (no carrier: the lead is kept, never dialed on a guess).
+    """
+    if router is None:
+        return server, None, None
+    problems: list[str] = []
+    route_name = ""
+    for candidate in (server, *alternates):
         try:
-            allowed = bool(future.result(self._timeout_s))
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            log.error("fencing check gave no answer within %.1fs: not committing", self._timeout_s)
-            allowed = False
-        except Exception as exc:  # a broken fence must fail closed, whatever it raised
-            log.error("fencing check failed (%s): not committing", exc)
-            allowed = False
-        if not allowed:
-            self.refused = True
-        return allowed
-
-
-def on_loop(
-    loop: asyncio.AbstractEventLoop, fn: Callable[..., T], timeout_s: float
-) -> Callable[..., T]:
-    """``fn`` callable from a worker thread: it runs on ``loop`` and the thread waits for it."""
-
-    def call(*args: object) -> T:
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        loop.call_soon_threadsafe(run)
-        try:
-            return future.result(timeout_s)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise
-
-    return call
-
-
-def loop_chooser(loop: asyncio.AbstractEventLoop, router: CallRouter, timeout_s: float) -> Chooser:
-    """The router's choice as place_call asks it from the worker thread; fails closed."""
-    choose = on_loop(loop, router.choose, timeout_s)
-
-    def chooser(server_ip: str, phone_code: str, number: str) -> CarrierPick | NoCarrier | None:
-        try:
-            result: CarrierPick | NoCarrier | None = choose(server_ip, phone_code, number)
-        except concurrent.futures.TimeoutError:
-            log.error("carrier choice gave no answer within %.1fs: lead kept", timeout_s)
-            return NoCarrier("", f"carrier choice gave no answer within {timeout_s:g}s")
-        except Exception as exc:  # a broken chooser must not dial on a guess
+            decision = router.choose(candidate.server_ip, phone_code, number)
+        except Exception as exc:
             log.error("carrier choice failed (%s): lead kept", exc)
-            return NoCarrier("", f"carrier choice failed: {exc}")
-        return result
-
-    return chooser
-
-
-class _Headroom:
-    """Lines a server has left for one more call of a campaign this cycle, by the planner's own
-    rules (allowed and free lines from the snapshot, with every call planned this cycle counted):
-    where a call no carrier can take on its planned server may go instead."""
-
-    def __init__(self, plan: Plan, snapshot: DbSnapshot) -> None:
-        self.snapshot = snapshot
-        self.counts = Counts.of(snapshot)
-        self.planned: dict[tuple[str, str], int] = {}
-        self.on_server: dict[str, int] = {}
-        self.servers: dict[str, list[str]] = {}  # campaign -> its servers in plan order
-        for campaign in plan.campaigns:
-            for placement in campaign.placements:
-                key = (placement.campaign_id, placement.server_ip)
-                self.planned[key] = self.planned.get(key, 0) + placement.calls
-                ip = placement.server_ip
-                self.on_server[ip] = self.on_server.get(ip, 0) + placement.calls
-                order = self.servers.setdefault(placement.campaign_id, [])
-                if ip not in order:
-                    order.append(ip)
-
-    def spare(self, campaign_id: str, server_ip: str) -> int:
-        server = self.snapshot.servers.get(server_ip)
-        if server is None:
-            return 0
-        allowed, _ = allowed_lines(self.counts, server, campaign_id)
-        free, _ = free_lines(self.counts, server, None, False, self.on_server.get(server_ip, 0))
-        return min(allowed - self.planned.get((campaign_id, server_ip), 0), free)
-
-    def alternates(self, campaign_id: str, server_ip: str) -> list[str]:
-        """The campaign's other planned servers with a line to spare, in plan order."""
-        return [
-            ip
-            for ip in self.servers.get(campaign_id, ())
-            if ip != server_ip and self.spare(campaign_id, ip) > 0
-        ]
-
-    def moved(self, campaign_id: str, from_ip: str, to_ip: str) -> None:
-        """One planned call went to ``to_ip`` instead of ``from_ip``."""
-        for ip, step in ((from_ip, -1), (to_ip, 1)):
-            key = (campaign_id, ip)
-            self.planned[key] = self.planned.get(key, 0) + step
-            self.on_server[ip] = self.on_server.get(ip, 0) + step
+            return server, None, NoCarrier("", f"carrier choice failed: {exc}")
+        if decision is None:
+            return server, None, None
+        if isinstance(decision, CarrierPick):
+            return candidate, decision, None
+        route_name = decision.route
+        problems.append(
+            f"{candidate.server_ip}: {decision.reason}" if alternates else decision.reason
+        )
+    return server, None, NoCarrier(route_name, " | ".join(problems))
 
 
 class _Run:
     """One execution of a plan: what its calls share and what they produced."""
 
-    def __init__(self, cycle: CycleContext, fence: Fence, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        cycle: CycleContext,
+        fence: LeaderFence,
+        clock: Callable[[], float],
+        claims: Callable[[], int],
+    ) -> None:
         self.cycle = cycle
+        self.claims = claims  # the next claim's sequence number (per process, across cycles)
         self.fence = fence
         self.clock = clock
         self.started = clock()
         self.slot: float | None = None  # when the next call is due to start
-        self.report = ExecutionReport(cycle.cycle_id)
+        self.report = ExecutionReport(cycle.cycle_id, epoch=fence.epoch)
         self.decisions: list[Decision] = []
-        self.exhausted: set[str] = set()  # campaigns whose hopper ran dry this cycle
+        self.pools: dict[str, HopperPool] = {}
         # (campaign, planned server) -> hopper_ids no carrier could take from there this cycle
         self.unrouted: dict[tuple[str, str], set[int]] = {}
-        self.chooser: Chooser | None = None
-        self.headroom: _Headroom | None = None
+        self.headroom: Headroom | None = None
+        self.needs_repair = False
+
+    def marker(self) -> str:
+        """A claim marker no other claim alive at the same time has."""
+        return claim_marker(self.cycle.now, self.fence.epoch, self.claims())
 
     def decide(
         self,
@@ -250,29 +177,15 @@ class _Run:
             )
         )
 
-    def orphans(self, campaign_id: str, lead_ids: Collection[int]) -> None:
-        for lead_id in lead_ids:
-            self.report.orphans_deleted += 1
-            reason = "hopper row's lead not in vicidial_list: row deleted"
-            self.decide("orphan_deleted", reason, campaign_id, "", lead_id)
-
-    def no_carrier(self, campaign_id: str, server_ip: str, leads: Collection[UnroutedLead]) -> None:
-        """Log leads no carrier could take (they stay in the hopper; passed over this cycle)."""
-        skipped = self.unrouted.setdefault((campaign_id, server_ip), set())
-        for lead in leads:
-            skipped.add(lead.hopper_id)
-            self.report.unrouted += 1
-            info = details(route=lead.route, hopper_id=lead.hopper_id, why=lead.reason)
-            reason = f"no carrier can take it; lead stays in the hopper: {lead.reason}"
-            self.decide("no_carrier", reason, campaign_id, server_ip, lead.lead_id, info)
+    def stop(self, why: str) -> None:
+        if self.report.stopped is None:
+            self.report.stopped = why
 
     def record(self, placement: Placement, result: CallResult, index: int) -> None:
-        """Count a placed call and log it (and any orphan hopper row it cleared)."""
+        """Count a placed call and log it."""
         key = (placement.campaign_id, result.server_ip)
         self.report.results.append(result)
         self.report.placed[key] = self.report.placed.get(key, 0) + 1
-        self.orphans(placement.campaign_id, result.orphans_deleted)
-        self.no_carrier(placement.campaign_id, placement.server_ip, result.unrouted)
         reason = placement.reason
         if result.server_ip != placement.server_ip:
             reason = f"no carrier on {placement.server_ip}: moved here ({reason})"
@@ -286,12 +199,7 @@ class _Run:
             **({"route": result.route} if result.route else {}),
         )
         self.decide(
-            "placed",
-            reason,
-            *key,
-            lead_id=result.lead_id,
-            info=info,
-            carrier_id=result.carrier_id,
+            "placed", reason, *key, lead_id=result.lead_id, info=info, carrier_id=result.carrier_id
         )
 
     def short(self, key: tuple[str, str], calls: int) -> None:
@@ -305,37 +213,83 @@ class Executor:
 
     def __init__(
         self,
-        db: DbWorker,
+        db: DbRunner,
         *,
-        fence: Callable[[], Awaitable[bool]] | None = None,
+        fence: Callable[[], LeaderFence | None],
+        on_fence_lost: Callable[[], None] = lambda: None,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         dst: Callable[[datetime], bool] | None = None,
-        fence_timeout_s: float = 2.0,
         clock: Callable[[], float] | None = None,
         router: CallRouter | None = None,
+        transactional: bool | None = None,
     ) -> None:
-        """Write through ``db``; ``fence`` is asked before every commit (None: always allowed);
-        ``router`` chooses each call's carrier (None: the campaign's dial prefix, as VICIdial)."""
+        """Write through ``db`` under the lease ``fence()`` returns (None: not the leader);
+        ``router`` chooses each call's carrier (None: the campaign's dial prefix, as VICIdial);
+        ``transactional`` (None: found from the tables' engines) adds a transaction per call."""
         self.db = db
-        self.clock = clock  # seconds, monotonic; None: the event loop's clock
         self.fence = fence
+        self.on_fence_lost = on_fence_lost
+        self.clock = clock  # seconds, monotonic; None: the event loop's clock
         self.sleep = sleep
         self.dst = dst or local_dst
-        self.fence_timeout_s = fence_timeout_s
         self.router = router
+        self.transactional = transactional
+        self._claims = itertools.count(1)
+        self._stop_requested = False
+        self._wake: asyncio.Event | None = None
+
+    def request_stop(self) -> None:
+        """Stop deciding: finish the call in flight, settle the hopper, store what was placed.
+
+        The cycle in progress ends at its next call boundary (a pacing wait ends at once); the
+        daemon asks this at shutdown instead of cancelling the cycle, so no claimed lead waits
+        for a repair step.
+        """
+        self._stop_requested = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _pause(self, seconds: float) -> None:
+        """The pacing wait, cut short by a stop request."""
+        if self._stop_requested:
+            return
+        wake = self._wake
+        if wake is None:
+            await self.sleep(seconds)
+            return
+        sleeping = asyncio.ensure_future(self.sleep(seconds))
+        woken = asyncio.ensure_future(wake.wait())
+        try:
+            await asyncio.wait({sleeping, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeping, woken):
+                task.cancel()
 
     async def execute(self, plan: Plan, snapshot: DbSnapshot, cycle_id: str) -> ExecutionReport:
-        """Place every call of ``plan.sequence`` in order, then finish the cycle and log it."""
+        """Repair, place every call of ``plan.sequence`` in order, then finish and log."""
         loop = asyncio.get_running_loop()
         now = snapshot.taken_at
-        run = _Run(
-            CycleContext(now=now, dst=self.dst(now), cycle_id=cycle_id),
-            Fence(self.fence, loop, self.fence_timeout_s),
-            self.clock or loop.time,
-        )
+        fence = self.fence()
+        clock = self.clock or loop.time
+        if fence is None:
+            report = ExecutionReport(cycle_id, stopped=NOT_LEADER)
+            return report
+        context = CycleContext(now=now, dst=self.dst(now), cycle_id=cycle_id)
+        run = _Run(context, fence, clock, lambda: next(self._claims))
+        self._wake = asyncio.Event()
+        if self._stop_requested:
+            run.stop(SHUTTING_DOWN)
+        if self.transactional is None:
+            try:
+                self.transactional = (await self.db.run(write_path)).transactional
+            except _DB_ERRORS as exc:
+                return self._failed(run, f"reading the tables' engines: {exc}")
+        for campaign_id, ids in snapshot.hopper_ids.items():
+            run.pools[campaign_id] = HopperPool(ids)
         if self.router is not None:
-            run.chooser = loop_chooser(loop, self.router, self.fence_timeout_s)
-            run.headroom = _Headroom(plan, snapshot)
+            run.headroom = Headroom(plan, snapshot)
+        if not await self._repair(run, snapshot):
+            return run.report
         if plan.stopped:
             run.decide("stopped", plan.stopped)
         for campaign_plan in plan.campaigns:
@@ -345,13 +299,133 @@ class Executor:
         for index, placement in enumerate(plan.sequence):
             await self._place(run, placement, index, snapshot, pace_s)
         report = run.report
-        if report.stopped is not None:
-            # what the stop left undone, as one row rather than one per call
+        if report.stopped is not None and report.stopped != LOST_LEADERSHIP:
             left = sum(report.short.values())
             run.decide("stopped", report.stopped, info=details(calls_not_placed=left))
+        if run.needs_repair and report.stopped != LOST_LEADERSHIP:
+            await self._repair(run, snapshot)
         await self._finish(plan, run)
         report.duration_s = run.clock() - run.started
         return report
+
+    def _failed(self, run: _Run, message: str) -> ExecutionReport:
+        log.error("cycle %s: %s; nothing placed", run.cycle.cycle_id, message)
+        run.report.errors.append(message)
+        run.stop(f"database error: {message}")
+        return run.report
+
+    def _lost(self, run: _Run) -> None:
+        if run.report.stopped != LOST_LEADERSHIP:
+            log.warning("cycle %s: %s; no further writes", run.cycle.cycle_id, LOST_LEADERSHIP)
+        run.report.stopped = LOST_LEADERSHIP
+        self.on_fence_lost()
+
+    async def _repair(self, run: _Run, snapshot: DbSnapshot) -> bool:
+        """The repair step; False when the cycle cannot go on (fence lost, database down)."""
+        fence = run.fence
+        try:
+            found = await self.db.run(
+                functools.partial(repair, fence=fence, servers=snapshot.servers, dst=self.dst)
+            )
+        except FenceLost:
+            self._lost(run)
+            return False
+        except _DB_ERRORS as exc:
+            message = f"repair step: {exc}"
+            log.error("cycle %s: %s", run.cycle.cycle_id, message)
+            run.report.errors.append(message)
+            run.stop(f"database error: {exc}")
+            return False
+        run.needs_repair = False
+        rep = run.report.repaired
+        for target, source, outcome, why in (
+            (rep.finished, found.finished, "repaired", "placed call's lead updated by repair"),
+            (rep.undone, found.undone, "repaired", "claimed, never dialed: back to READY"),
+        ):
+            target.extend(source)
+            for lead_id in source:
+                run.decide(outcome, why, lead_id=lead_id)
+        rep.cleared.extend(found.cleared)
+        rep.retries_undone.extend(found.retries_undone)
+        rep.retries_confirmed.extend(found.retries_confirmed)
+        return True
+
+    async def _claim(
+        self, run: _Run, campaign_id: str, server_ip: str, want: int
+    ) -> list[tuple[HopperRow, Lead]] | None:
+        """Claim up to ``want`` leads for a placement; [] when none is left that this server may
+        take; None when the write failed (the cycle is stopped)."""
+        pool = run.pools.setdefault(campaign_id, HopperPool(()))
+        refused = run.unrouted.get((campaign_id, server_ip), set())
+        while True:
+            candidates = pool.next(want, refused)
+            if not candidates:
+                return []
+            marker = run.marker()
+            fence = run.fence
+            try:
+                got = await self.db.run(
+                    functools.partial(
+                        leads.claim,
+                        fence=fence,
+                        campaign_id=campaign_id,
+                        candidates=candidates,
+                        marker=marker,
+                    ),
+                    idempotent=False,
+                )
+            except FenceLost:
+                self._lost(run)
+                return None
+            except _DB_ERRORS as exc:
+                self._error(run, f"claiming leads of {campaign_id}: {exc}")
+                return None
+            pool.drop(got.taken)
+            pool.hold(h.hopper_id for h, _ in got.leads)
+            if got.orphans:
+                pool.hold(h.hopper_id for h in got.orphans)
+                if not await self._fenced(run, leads.delete_claimed, got.orphans):
+                    return None
+                pool.drop(h.hopper_id for h in got.orphans)
+                for hopper in got.orphans:
+                    log.warning(
+                        "campaign %s: hopper row %d names lead %d, which is not in vicidial_list;"
+                        " row deleted",
+                        campaign_id,
+                        hopper.hopper_id,
+                        hopper.lead_id,
+                    )
+                    run.report.orphans_deleted += 1
+                    reason = "hopper row's lead not in vicidial_list: row deleted"
+                    run.decide("orphan_deleted", reason, campaign_id, "", hopper.lead_id)
+            if got.leads:
+                return got.leads
+
+    async def _fenced(
+        self,
+        run: _Run,
+        step: Callable[..., int],
+        rows: Sequence[HopperRow],
+    ) -> bool:
+        """One fenced hopper statement over our rows; False (cycle stopped) when it failed."""
+        if not rows:
+            return True
+        fence = run.fence
+        try:
+            await self.db.run(lambda c: step(c, fence, rows), idempotent=False)
+        except FenceLost:
+            self._lost(run)
+            return False
+        except _DB_ERRORS as exc:
+            self._error(run, f"updating the hopper: {exc}")
+            return False
+        return True
+
+    def _error(self, run: _Run, message: str) -> None:
+        log.error("cycle %s: %s; cycle stopped (repair follows)", run.cycle.cycle_id, message)
+        run.report.errors.append(message)
+        run.stop(f"database error: {message}")
+        run.needs_repair = True
 
     async def _place(
         self, run: _Run, placement: Placement, index: int, snapshot: DbSnapshot, pace_s: float
@@ -359,8 +433,9 @@ class Executor:
         """One placement's calls, each paced; stops early on an empty hopper, error or fence."""
         report = run.report
         key = (placement.campaign_id, placement.server_ip)
-        if report.stopped is not None or placement.campaign_id in run.exhausted:
-            run.short(key, placement.calls)
+        pool = run.pools.get(placement.campaign_id)
+        if report.stopped is not None or pool is None or pool.exhausted:
+            run.short(key, placement.calls)  # the exhaustion was logged when it happened
             return
         server = snapshot.servers.get(placement.server_ip)
         campaign = snapshot.campaigns.get(placement.campaign_id)
@@ -369,88 +444,160 @@ class Executor:
             run.decide("skipped", f"{missing} not in the snapshot; placement dropped", *key)
             run.short(key, placement.calls)
             return
+        batch: deque[tuple[HopperRow, Lead]] = deque()
+        held: list[HopperRow] = []  # claimed by this placement and not dialed
+        dialed: list[HopperRow] = []
         placed = 0
-        for _ in range(placement.calls):
-            call_started = run.clock()
-            if run.slot is None or call_started - run.slot > pace_s:
-                run.slot = call_started  # first call, or too far behind: no catch-up burst
-            alternates = (
-                [
-                    snapshot.servers[ip]
-                    for ip in run.headroom.alternates(placement.campaign_id, placement.server_ip)
-                ]
-                if run.headroom is not None
-                else []
-            )
-            call = functools.partial(
-                place_call,
-                server=server,
-                campaign=campaign,
-                cycle=run.cycle,
-                before_commit=run.fence.check,
-                route=run.chooser,
-                alternates=alternates,
-                skip=frozenset(run.unrouted.get(key, ())),
-            )
-            try:
-                result = await self.db.run(call, idempotent=False)
-            except (DatabaseError, pymysql.err.Error) as exc:
-                message = f"placing a call for {key[0]} on {key[1]}: {exc}"
-                log.error(
-                    "cycle %s: %s; cycle stopped (the call rolled back)",
-                    run.cycle.cycle_id,
-                    message,
-                )
-                report.errors.append(message)
-                report.stopped = f"database error: {exc}"
-                break
-            if isinstance(result, Unrouted):
-                run.orphans(placement.campaign_id, result.orphans_deleted)
-                run.no_carrier(placement.campaign_id, placement.server_ip, result.leads)
-                if result.exhausted:  # from this server: another may still route them
-                    why = "no lead left in the hopper that a carrier can take here"
-                else:
-                    why = f"{len(result.leads)} leads in a row no carrier can take"
-                reason = f"{why}; placed {placed} of {placement.calls} calls"
-                run.decide("short", reason, *key)
-                break
-            if result is None:
-                if run.fence.refused:
-                    report.stopped = LOST_LEADERSHIP
-                    log.warning(
-                        "cycle %s: %s; no further calls", run.cycle.cycle_id, LOST_LEADERSHIP
+        streak = 0  # leads in a row no carrier could take
+        try:
+            while placed < placement.calls and report.stopped is None:
+                if self._stop_requested:
+                    run.stop(SHUTTING_DOWN)
+                    break
+                if not batch:
+                    got = await self._claim(
+                        run, placement.campaign_id, placement.server_ip, placement.calls - placed
                     )
-                else:
-                    run.exhausted.add(placement.campaign_id)
-                    reason = f"hopper exhausted after {placed} of {placement.calls} calls"
-                    run.decide("short", reason, *key)
-                break
-            placed += 1
-            run.record(placement, result, index)
-            if result.server_ip != placement.server_ip and run.headroom is not None:
-                run.headroom.moved(placement.campaign_id, placement.server_ip, result.server_ip)
-            if self.router is not None and result.carrier_id:
-                self.router.placed(
-                    PlacedCall(
-                        caller_code=result.caller_code,
-                        lead_id=result.lead_id,
-                        campaign=campaign,
-                        server=snapshot.servers.get(result.server_ip, server),
-                        carrier_id=result.carrier_id,
-                        route=result.route,
-                        phone_code=result.phone_code,
-                        number=result.phone_number,
-                        alt_dial=result.alt_dial,
-                        placed_at=run.cycle.now.replace(microsecond=0),
-                    )
+                    if got is None:
+                        break
+                    if not got:
+                        if pool.exhausted:
+                            why = f"hopper exhausted after {placed} of {placement.calls} calls"
+                        else:
+                            why = (
+                                "no lead left in the hopper that a carrier can take here;"
+                                f" placed {placed} of {placement.calls} calls"
+                            )
+                        run.decide("short", why, *key)
+                        break
+                    batch.extend(got)
+                    held.extend(hopper for hopper, _ in got)
+                hopper, lead = batch.popleft()
+                outcome = await self._call(
+                    run, placement, index, server, campaign, hopper, lead, pace_s
                 )
-            run.slot += pace_s
-            await self.sleep(max(0.0, run.slot - run.clock()))
+                if outcome is False and run.needs_repair:
+                    held.remove(hopper)  # part of it may be written: the repair step decides
+                if outcome is None:  # no carrier: the lead stays in the hopper
+                    streak += 1
+                    if streak >= _UNROUTED_SCAN:
+                        why = f"{streak} leads in a row no carrier can take"
+                        run.decide("short", f"{why}; placed {placed} of {placement.calls}", *key)
+                        break
+                    continue
+                streak = 0
+                if outcome is False:
+                    break
+                held.remove(hopper)
+                dialed.append(hopper)
+                pool.drop([hopper.hopper_id])  # dialed: never a candidate again
+                placed += 1
+                assert run.slot is not None
+                run.slot += pace_s
+                await self._pause(max(0.0, run.slot - run.clock()))
+        finally:
+            await self._settle(run, pool, held, dialed)
         run.short(key, placement.calls - placed)
 
+    async def _call(
+        self,
+        run: _Run,
+        placement: Placement,
+        index: int,
+        server: ServerInfo,
+        campaign: CampaignInfo,
+        hopper: HopperRow,
+        lead: Lead,
+        pace_s: float,
+    ) -> bool | None:
+        """Route and write one call: True placed, None no carrier, False the cycle stopped."""
+        number = leads.dialed_number(lead, hopper.alt_dial or "MAIN", campaign.auto_alt_dial)
+        alternates = []
+        if run.headroom is not None:
+            ips = run.headroom.alternates(placement.campaign_id, placement.server_ip)
+            alternates = [run.headroom.snapshot.servers[ip] for ip in ips]
+        target, pick, refusal = route_call(self.router, server, alternates, lead.phone_code, number)
+        if refusal is not None:
+            run.unrouted.setdefault((placement.campaign_id, placement.server_ip), set()).add(
+                hopper.hopper_id
+            )
+            run.report.unrouted += 1
+            info = details(route=refusal.route, hopper_id=hopper.hopper_id, why=refusal.reason)
+            reason = f"no carrier can take it; lead stays in the hopper: {refusal.reason}"
+            run.decide(
+                "no_carrier", reason, placement.campaign_id, placement.server_ip, lead.lead_id, info
+            )
+            return None
+        prefix = (
+            pick.dial_prefix
+            if pick is not None
+            else dial_prefix(lead.list_dial_prefix, campaign.dial_prefix)
+        )
+        dial_string = prefix + ("" if campaign.omit_phone_code else lead.phone_code) + number
+        started = run.clock()
+        if run.slot is None or started - run.slot > pace_s:
+            run.slot = started  # first call, or too far behind: no catch-up burst
+        write = functools.partial(
+            write_call,
+            fence=run.fence,
+            hopper=hopper,
+            lead=lead,
+            server=target,
+            campaign=campaign,
+            cycle=run.cycle,
+            dial_string=dial_string,
+            number=number,
+            transactional=bool(self.transactional),
+            carrier_id=pick.carrier_id if pick is not None else "",
+            route=pick.route if pick is not None else "",
+        )
+        key = (placement.campaign_id, placement.server_ip)
+        try:
+            result = await self.db.run(write, idempotent=False)
+        except FenceLost:
+            self._lost(run)
+            return False
+        except _DB_ERRORS as exc:
+            self._error(run, f"placing a call for {key[0]} on {target.server_ip}: {exc}")
+            return False
+        run.record(placement, result, index)
+        if target.server_ip != placement.server_ip and run.headroom is not None:
+            run.headroom.moved(placement.campaign_id, placement.server_ip, target.server_ip)
+        if self.router is not None and result.carrier_id:
+            self.router.placed(
+                PlacedCall(
+                    caller_code=result.caller_code,
+                    lead_id=result.lead_id,
+                    campaign=campaign,
+                    server=target,
+                    carrier_id=result.carrier_id,
+                    route=result.route,
+                    phone_code=result.phone_code,
+                    number=result.phone_number,
+                    alt_dial=result.alt_dial,
+                    placed_at=run.cycle.now.replace(microsecond=0),
+                )
+            )
+        if not result.lead_updated:
+            self._lost(run)
+        return True
+
+    async def _settle(
+        self, run: _Run, pool: HopperPool, held: list[HopperRow], dialed: list[HopperRow]
+    ) -> None:
+        """After a placement: dialed rows deleted, the rest put back READY (while we lead)."""
+        if run.report.stopped == LOST_LEADERSHIP:
+            return  # not ours to write any more: the new leader's repair settles them
+        # A held row may be INCALL too: its write finished while the cycle was being cancelled.
+        await self._fenced(run, leads.delete_dialed, [*dialed, *held])
+        if await self._fenced(run, leads.unclaim, held):
+            pool.release(h.hopper_id for h in held)
+
     async def _finish(self, plan: Plan, run: _Run) -> None:
-        """Store the fills and call dates (fenced), then the decision log."""
+        """Store the fills and call dates, then the decision log (both fenced)."""
         report, cycle, fence, decisions = run.report, run.cycle, run.fence, run.decisions
+        if report.stopped == LOST_LEADERSHIP:
+            return
         placed_by_campaign: dict[str, int] = {}
         for (campaign_id, _), count in report.placed.items():
             placed_by_campaign[campaign_id] = placed_by_campaign.get(campaign_id, 0) + count
@@ -460,25 +607,15 @@ class Executor:
         }
         lists_used = {r.list_id for r in report.results}
         campaigns_used = {r.campaign_id for r in report.results}
-        wants_finish = plan.reset_fill or fills or lists_used
-        if wants_finish and not fence.refused:
+        if plan.reset_fill or fills or lists_used:
             try:
-                stored = await self.db.run(
+                await self.db.run(
                     lambda conn: finish_cycle(
-                        conn,
-                        fills,
-                        plan.reset_fill,
-                        lists_used,
-                        campaigns_used,
-                        cycle.now,
-                        fence.check,
+                        conn, fence, fills, plan.reset_fill, lists_used, campaigns_used, cycle.now
                     ),
                     idempotent=False,
                 )
-                if not stored:
-                    report.stopped = report.stopped or LOST_LEADERSHIP
-                    run.decide("stopped", f"{LOST_LEADERSHIP}: balance_trunk_fill not stored")
-            except (DatabaseError, pymysql.err.Error) as exc:
+            except _DB_ERRORS as exc:
                 message = f"storing balance_trunk_fill and call dates: {exc}"
                 log.error("cycle %s: %s", cycle.cycle_id, message)
                 report.errors.append(message)
@@ -486,9 +623,11 @@ class Executor:
             return
         try:
             report.decisions_logged = await self.db.run(
-                lambda conn: log_decisions(conn, decisions), idempotent=False
+                lambda conn: log_decisions(conn, decisions, fence), idempotent=False
             )
-        except (DatabaseError, pymysql.err.Error) as exc:
+        except FenceLost:
+            self._lost(run)
+        except _DB_ERRORS as exc:
             message = f"writing {len(decisions)} rows to vb_decision_log: {exc}"
             log.error("cycle %s: %s", cycle.cycle_id, message)
             report.errors.append(message)

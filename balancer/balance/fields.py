@@ -12,9 +12,45 @@ NON_DIGITS = re.compile(r"\D")
 _LEADING_DIGITS = re.compile(r"\d+")
 
 
+_BASE36 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# A hopper row this balancer claimed: 'VB' + the caller code's 9 time digits + 9 base-36 chars.
+CLAIM_MARKER = re.compile(r"^VB([0-9]{9})[0-9A-Z]{9}$")
+
+
+def code_time(now: datetime) -> str:
+    """The caller code's time part: the last 9 digits of MMDDhhmmss."""
+    return f"{now:%m%d%H%M%S}"[-9:]
+
+
 def caller_code(now: datetime, lead_id: int) -> str:
     """'V' + the last 9 digits of MMDDhhmmss + the lead_id zero-padded to 10 (20 characters)."""
-    return "V" + f"{now:%m%d%H%M%S}"[-9:] + f"{lead_id:010d}"
+    return "V" + code_time(now) + f"{lead_id:010d}"
+
+
+def _base36(value: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        value, rest = divmod(value, 36)
+        digits.append(_BASE36[rest])
+    return "".join(reversed(digits))
+
+
+def claim_marker(now: datetime, epoch: int, sequence: int) -> str:
+    """The vicidial_hopper.user a claim writes (20 characters, unique to this cycle and claim).
+
+    It carries the caller code's time digits, so the repair step can tell from the hopper row
+    alone which caller code its call has, plus the leader epoch and a per-leader sequence (both
+    wrap: only markers alive at the same moment need to differ).
+    """
+    return "VB" + code_time(now) + _base36(epoch, 4) + _base36(sequence, 5)
+
+
+def marker_caller_code(marker: str, lead_id: int) -> str | None:
+    """The caller code of the call a claim marker's lead gets; None for a foreign marker."""
+    match = CLAIM_MARKER.match(marker)
+    if match is None:
+        return None
+    return "V" + match.group(1) + f"{lead_id:010d}"
 
 
 def next_called_since_last_reset(value: str) -> str:

@@ -86,6 +86,9 @@ class DbSnapshot:
     # configured remote-agent and freshness rules were applied by the reader
     live_agents: dict[str, int]
     hopper_ready: dict[str, int]  # READY vicidial_hopper rows per campaign
+    # READY hopper_ids per campaign in VICIdial's claim order (priority DESC, hopper_id): the
+    # executor claims these by primary key
+    hopper_ids: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def auto_calls_on(self, server_ip: str) -> int:
         """All auto-call rows on a server, any campaign, any call type."""

@@ -28,18 +28,18 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import pymysql
 
-from balancer.balance.executor import Fence
 from balancer.carriers.health import UP_STATE, CarrierHealth, caller_code_in, dial_timeout_s
 from balancer.carriers.routing import CarrierPick, Outcome, PlacedCall, classify_cause
 from balancer.config import RoutingConfig
 from balancer.db.calls import CallResult
 from balancer.db.cycle_log import Decision, details, log_decisions
+from balancer.db.fence import FenceLost, LeaderFence
 from balancer.db.retries import replace_call
 from balancer.db.worker import DbWorker
 from balancer.errors import DatabaseError
@@ -72,8 +72,8 @@ class Failover:
         routing: RoutingConfig,
         carriers: CarrierHealth,
         *,
-        fence: Callable[[], Awaitable[bool]] | None = None,
-        fence_timeout_s: float = 2.0,
+        fence: Callable[[], LeaderFence | None],
+        on_fence_lost: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = datetime.now,
         max_tracked: int = 100_000,
@@ -81,7 +81,7 @@ class Failover:
         self.routing = routing
         self.carriers = carriers
         self.fence = fence
-        self.fence_timeout_s = fence_timeout_s
+        self.on_fence_lost = on_fence_lost
         self.clock = clock
         self.now = now
         self.max_tracked = max_tracked
@@ -168,7 +168,8 @@ class Failover:
     async def retry(self, db: DbWorker, failed: FailedCall) -> CallResult | None:
         """Re-place one failed call on the next carrier of its route (if we lead and one can)."""
         call = failed.call
-        if self.fence is not None and not await self.fence():
+        fence = self.fence()
+        if fence is None:
             log.debug("call %s failed on %s: not the leader", call.caller_code, call.carrier_id)
             return None
         failure = f"cause {failed.cause} on carrier {call.carrier_id}"
@@ -183,15 +184,16 @@ class Failover:
             why = "routing no longer applies" if choice is None else choice.reason
             await self._log(db, call, "not_retried", f"{failure}; no carrier: {why}", failed)
             return None
-        fence = Fence(self.fence, asyncio.get_running_loop(), self.fence_timeout_s)
         pick = choice
         try:
             result = await db.run(
-                lambda conn: replace_call(
-                    conn, call, pick, call.carrier_id, failed.cause, fence.check
-                ),
+                lambda conn: replace_call(conn, fence, call, pick, call.carrier_id, failed.cause),
                 idempotent=False,
             )
+        except FenceLost:
+            log.warning("call %s failed: leadership lost before its retry", call.caller_code)
+            self.on_fence_lost()
+            return None
         except (DatabaseError, pymysql.err.Error) as exc:
             log.error("re-placing call %s (lead %d): %s", call.caller_code, call.lead_id, exc)
             return None
@@ -258,7 +260,11 @@ class Failover:
             ),
         )
         try:
-            await db.run(lambda conn: log_decisions(conn, [decision]), idempotent=False)
+            await db.run(
+                lambda conn: log_decisions(conn, [decision], self.fence()), idempotent=False
+            )
+        except FenceLost:
+            log.warning("failover decision of %s not logged: leadership lost", call.caller_code)
         except (DatabaseError, pymysql.err.Error) as exc:
             log.error("writing the failover decision of %s: %s", call.caller_code, exc)
 

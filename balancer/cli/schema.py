@@ -23,7 +23,7 @@ def schema() -> None:
 @click.pass_obj
 @handle_errors
 def schema_install(app: AppContext, database_url: str | None) -> None:
-    """Create missing tables from sql/ (never drops or alters existing ones)."""
+    """Create missing tables from sql/ and upgrade our own vb_ tables (VICIdial's untouched)."""
     url, timeout = resolve_database_url(app, database_url)
     from balancer.db import schema as db_schema
     from balancer.db.connection import connect
@@ -39,6 +39,8 @@ def schema_install(app: AppContext, database_url: str | None) -> None:
     )
     for table in report.created:
         click.echo(f"  created {table}")
+    for version in report.migrated:
+        click.echo(f"  upgraded the vb_ tables to schema version {version}")
 
 
 @schema.command("check")

@@ -1,26 +1,28 @@
-"""The hopper and the lead: claiming a READY hopper row, reading its lead, the number dialed.
+"""The hopper and the lead: claiming READY hopper rows atomically, reading their leads, putting
+back the ones not dialed, the number dialed.
 
-Claiming a lead is two statements on purpose: a plain read lists the campaign's READY rows in
-VICIdial's order, then each candidate is locked by primary key with ``FOR UPDATE SKIP LOCKED``.
-A single ``ORDER BY priority DESC, hopper_id ... FOR UPDATE SKIP LOCKED`` sorts in a filesort, so
-InnoDB locks EVERY READY row of the campaign, and a second balancer would find the hopper empty.
+VICIdial's hopper is a MEMORY table with no row locks, and VICIdial's own dialer
+(AST_VDauto_dial.pl) claims from it at the same time with one conditional UPDATE. So a claim here
+is ONE conditional statement as well: ``UPDATE vicidial_hopper SET status='QUEUE', user=<marker>
+WHERE hopper_id IN (...) AND status='READY' AND <fence>``, then the rows are read back by that
+marker (with their leads and lists, in one statement). A row another dialer took first is no
+longer READY and is simply not ours; no row is ever claimed twice. The candidates are the READY
+rows of the cycle's snapshot in VICIdial's order (priority DESC, hopper_id), so the claim is a
+primary-key lookup instead of a scan of the whole hopper (VICIdial's hopper is indexed on
+lead_id only). The marker (`balancer.balance.fields.claim_marker`) names the claim and the
+caller code its calls get, which the repair step (balancer/db/repair.py) relies on.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Collection
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
 from balancer.balance.fields import NON_DIGITS
 from balancer.db.connection import Connection
-from balancer.db.rows import all_rows, fit, one_row, text, write
-
-log = logging.getLogger(__name__)
-
-# Candidates read per claim round; a round only comes back when all of them were taken.
-_CLAIM_BATCH = 8
+from balancer.db.fence import FenceLost, LeaderFence, holds
+from balancer.db.rows import all_rows, placeholders, text
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,16 @@ class HopperRow:
     hopper_id: int
     lead_id: int
     alt_dial: str
-    user: str | None = None  # before the claim, to put back when the lead stays
+    marker: str  # the vicidial_hopper.user the claim wrote
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What one claim got: rows with their leads, and rows whose lead is missing (orphans)."""
+
+    leads: list[tuple[HopperRow, Lead]]
+    orphans: list[HopperRow]
+    taken: list[int]  # candidate hopper_ids another dialer had claimed first
 
 
 def dialed_number(lead: Lead, alt_dial: str, auto_alt_dial: str) -> str:
@@ -61,118 +72,122 @@ def dialed_number(lead: Lead, alt_dial: str, auto_alt_dial: str) -> str:
     return lead.phone_number
 
 
-def claim_row(
-    conn: Connection, campaign_id: str, server_ip: str, skip: Collection[int] = ()
-) -> HopperRow | None:
-    """Lock and mark one READY hopper row (priority DESC, hopper_id); None when none is left.
-
-    Rows in ``skip`` (hopper_ids) are passed over: leads no carrier could take this cycle.
-    """
-    tried: set[int] = set(skip)
-    while True:
-        limit = len(tried) + _CLAIM_BATCH
-        ids = [
-            int(row[0])
-            for row in all_rows(
-                conn,
-                "SELECT hopper_id FROM vicidial_hopper WHERE campaign_id = %s AND status = 'READY'"
-                " ORDER BY priority DESC, hopper_id LIMIT %s",
-                campaign_id,
-                limit,
-            )
-        ]
-        for hopper_id in ids:
-            if hopper_id in tried:
-                continue
-            tried.add(hopper_id)
-            row = one_row(
-                conn,
-                "SELECT hopper_id, lead_id, alt_dial, user FROM vicidial_hopper"
-                " WHERE hopper_id = %s AND status = 'READY' FOR UPDATE SKIP LOCKED",
-                hopper_id,
-            )
-            if row is None:  # taken by another balancer meanwhile (locked, gone or not READY)
-                continue
-            write(
-                conn,
-                "UPDATE vicidial_hopper SET status = 'QUEUE', user = %s WHERE hopper_id = %s",
-                fit(f"VDFC_{server_ip}", 20),
-                hopper_id,
-            )
-            write(
-                conn, "UPDATE vicidial_hopper SET status = 'INCALL' WHERE hopper_id = %s", hopper_id
-            )
-            return HopperRow(
-                int(row[0]), int(row[1]), text(row[2]), None if row[3] is None else text(row[3])
-            )
-        if len(ids) < limit:
-            return None
+_READ_BACK = (
+    "SELECT h.hopper_id, h.lead_id, h.alt_dial, l.lead_id, l.list_id, l.gmt_offset_now,"
+    " l.called_since_last_reset, l.phone_code, l.phone_number, l.alt_phone, l.address3,"
+    " l.security_phrase, l.called_count, l.state, s.dial_prefix, s.campaign_cid_override"
+    " FROM vicidial_hopper AS h"
+    " LEFT JOIN vicidial_list AS l ON l.lead_id = h.lead_id"
+    " LEFT JOIN vicidial_lists AS s ON s.list_id = l.list_id"
+    " WHERE h.hopper_id IN ({ids}) AND h.user = %s AND h.status = 'QUEUE'"
+)
 
 
-def unclaim(conn: Connection, hopper: HopperRow) -> None:
-    """Put a claimed row back as it was (READY, its user): the lead stays in the hopper."""
-    write(
-        conn,
-        "UPDATE vicidial_hopper SET status = 'READY', user = %s WHERE hopper_id = %s",
-        hopper.user,
-        hopper.hopper_id,
+def _lead(row: Sequence[object]) -> Lead:
+    gmt = row[5]
+    return Lead(
+        lead_id=int(str(row[3])),
+        list_id=int(str(row[4] or 0)),
+        gmt_offset_now=float(gmt) if isinstance(gmt, Decimal | int | float) else 0.0,
+        called_since_last_reset=text(row[6]),
+        phone_code=text(row[7]),
+        phone_number=text(row[8]),
+        alt_phone=text(row[9]),
+        address3=text(row[10]),
+        security_phrase=text(row[11]),
+        called_count=int(str(row[12] or 0)),
+        state=text(row[13]),
+        list_dial_prefix=text(row[14]),
+        list_cid_override=text(row[15]),
     )
+
+
+def claim(
+    conn: Connection, fence: LeaderFence, campaign_id: str, candidates: Sequence[int], marker: str
+) -> Claimed:
+    """Claim the candidate hopper rows still READY, in one statement; read them back by marker.
+
+    Raises FenceLost when nothing was claimed because another leader's epoch is in vb_leader.
+    """
+    if not candidates:
+        return Claimed([], [], [])
+    ids = list(dict.fromkeys(candidates))
+    with conn.cursor() as cur:
+        claimed = cur.execute(
+            "UPDATE vicidial_hopper SET status = 'QUEUE', user = %s"  # noqa: S608
+            f" WHERE hopper_id IN ({placeholders(len(ids))}) AND status = 'READY'"
+            f" AND campaign_id = %s AND {fence.exists}",
+            (marker, *ids, campaign_id, *fence.params),
+        )
+    if not claimed:
+        if not holds(conn, fence):
+            raise FenceLost(f"lease {fence.name!r}: epoch {fence.epoch} is no longer ours")
+        return Claimed([], [], ids)
+    rows = all_rows(conn, _READ_BACK.format(ids=placeholders(len(ids))), *ids, marker)
+    order = {hopper_id: i for i, hopper_id in enumerate(ids)}
+    rows.sort(key=lambda row: order[int(str(row[0]))])
+    got: list[tuple[HopperRow, Lead]] = []
+    orphans: list[HopperRow] = []
+    for row in rows:
+        hopper = HopperRow(int(str(row[0])), int(str(row[1])), text(row[2]), marker)
+        if row[3] is None:
+            orphans.append(hopper)
+        else:
+            got.append((hopper, _lead(row)))
+    mine = {hopper.hopper_id for hopper, _ in got} | {hopper.hopper_id for hopper in orphans}
+    return Claimed(got, orphans, [i for i in ids if i not in mine])
+
+
+def unclaim(conn: Connection, fence: LeaderFence, rows: Sequence[HopperRow]) -> int:
+    """Put claimed rows not dialed back to READY (user '', as VICIdial's hopper writes them)."""
+    return _by_marker(
+        conn,
+        fence,
+        rows,
+        "UPDATE vicidial_hopper SET status = 'READY', user = ''",
+        "QUEUE",
+    )
+
+
+def delete_claimed(conn: Connection, fence: LeaderFence, rows: Sequence[HopperRow]) -> int:
+    """Delete claimed rows: orphans (their lead is gone) while QUEUE."""
+    return _by_marker(conn, fence, rows, "DELETE FROM vicidial_hopper", "QUEUE")
+
+
+def delete_dialed(conn: Connection, fence: LeaderFence, rows: Sequence[HopperRow]) -> int:
+    """Delete the rows whose calls were written (INCALL): the last step of each call."""
+    return _by_marker(conn, fence, rows, "DELETE FROM vicidial_hopper", "INCALL")
+
+
+def _by_marker(
+    conn: Connection, fence: LeaderFence, rows: Sequence[HopperRow], head: str, status: str
+) -> int:
+    """One fenced statement over our own rows (by hopper_id AND marker AND status)."""
+    if not rows:
+        return 0
+    done = 0
+    by_marker: dict[str, list[int]] = {}
+    for row in rows:
+        by_marker.setdefault(row.marker, []).append(row.hopper_id)
+    with conn.cursor() as cur:
+        for marker, ids in by_marker.items():
+            done += cur.execute(
+                f"{head} WHERE hopper_id IN ({placeholders(len(ids))})"
+                f" AND user = %s AND status = %s AND {fence.exists}",
+                (*ids, marker, status, *fence.params),
+            )
+    return done
 
 
 def read_lead(conn: Connection, lead_id: int) -> Lead | None:
-    row = one_row(
+    """One lead with its list's dial settings (for a retry, which has no hopper row)."""
+    rows = all_rows(
         conn,
-        "SELECT lead_id, list_id, gmt_offset_now, called_since_last_reset, phone_code,"
-        " phone_number, alt_phone, address3, security_phrase, called_count, state,"
-        # The list's settings ride along: a subquery without its own locking clause is a plain
-        # read, so only the lead row is locked and concurrent calls of one list do not queue.
-        " (SELECT dial_prefix FROM vicidial_lists AS s WHERE s.list_id = l.list_id),"
-        " (SELECT campaign_cid_override FROM vicidial_lists AS s WHERE s.list_id = l.list_id)"
-        " FROM vicidial_list AS l WHERE lead_id = %s FOR UPDATE",
+        "SELECT 0, 0, '', l.lead_id, l.list_id, l.gmt_offset_now, l.called_since_last_reset,"
+        " l.phone_code, l.phone_number, l.alt_phone, l.address3, l.security_phrase,"
+        " l.called_count, l.state, s.dial_prefix, s.campaign_cid_override"
+        " FROM vicidial_list AS l LEFT JOIN vicidial_lists AS s ON s.list_id = l.list_id"
+        " WHERE l.lead_id = %s",
         lead_id,
     )
-    if row is None:
-        return None
-    gmt = row[2]
-    return Lead(
-        lead_id=int(row[0]),
-        list_id=int(row[1] or 0),
-        gmt_offset_now=float(gmt) if isinstance(gmt, Decimal | int | float) else 0.0,
-        called_since_last_reset=text(row[3]),
-        phone_code=text(row[4]),
-        phone_number=text(row[5]),
-        alt_phone=text(row[6]),
-        address3=text(row[7]),
-        security_phrase=text(row[8]),
-        called_count=int(row[9] or 0),
-        state=text(row[10]),
-        list_dial_prefix=text(row[11]),
-        list_cid_override=text(row[12]),
-    )
-
-
-def claim_lead(
-    conn: Connection,
-    campaign_id: str,
-    server_ip: str,
-    orphans: list[int],
-    skip: Collection[int] = (),
-) -> tuple[HopperRow, Lead] | None:
-    """Claim a hopper row whose lead exists; rows naming a missing lead are deleted (rule 8)."""
-    while True:
-        hopper = claim_row(conn, campaign_id, server_ip, skip)
-        if hopper is None:
-            return None
-        lead = read_lead(conn, hopper.lead_id)
-        if lead is not None:
-            return hopper, lead
-        # VICIdial leaves such a row INCALL and loses a call on it; we drop it and claim again.
-        write(conn, "DELETE FROM vicidial_hopper WHERE hopper_id = %s", hopper.hopper_id)
-        orphans.append(hopper.lead_id)
-        log.warning(
-            "campaign %s: hopper row %d names lead %d, which is not in vicidial_list;"
-            " row deleted, claiming another lead",
-            campaign_id,
-            hopper.hopper_id,
-            hopper.lead_id,
-        )
+    return _lead(rows[0]) if rows else None

@@ -62,3 +62,8 @@ def rollback(conn: Connection) -> None:
 def fit(value: str, width: int) -> str:
     """Cut to a column's width: strict mode rejects a longer value (and the whole call with it)."""
     return value[:width]
+
+
+def placeholders(count: int) -> str:
+    """``%s, %s, ...`` for an IN list of ``count`` parameters."""
+    return ", ".join(["%s"] * count)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pymysql
@@ -14,8 +15,11 @@ from balancer.errors import DatabaseError
 SQL_DIR: Path = Path(__file__).resolve().parents[2] / "sql"
 # Applied in this order: VICIdial's tables first, then the balancer's own.
 SQL_FILES: tuple[str, ...] = ("vicidial.sql", "balancer.sql")
-# Recorded in vb_schema_version when install creates that table.
-SCHEMA_VERSION = 1
+# The version of our own vb_ tables this code needs; see MIGRATIONS.
+SCHEMA_VERSION = 3
+# Engines a test or benchmark may ask VICIdial's tables to be created with (install(engine=)).
+ENGINES = frozenset({"InnoDB", "MyISAM", "Aria"})
+_ENGINE = re.compile(r"\bENGINE\s*=\s*\w+", re.IGNORECASE)
 
 _CREATE = re.compile(r"CREATE\s+TABLE\s+IF\s+NOT\s+EXISTS\s+(`[^`]+`|\w+)\s*\(", re.IGNORECASE)
 _NOT_COLUMNS = frozenset(
@@ -27,10 +31,12 @@ _ER_TABLE_EXISTS = 1050
 
 @dataclass(frozen=True)
 class InstallReport:
-    """Tables install created, and tables it found already present and left alone."""
+    """Tables install created, tables it found already present and left alone, and the
+    migrations of our own vb_ tables it applied."""
 
     created: list[str]
     existing: list[str]
+    migrated: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -219,8 +225,15 @@ def _columns_present(conn: Connection, database: str) -> dict[str, dict[str, str
     return present
 
 
-def install(conn: Connection) -> InstallReport:
-    """Create every table of sql/ that is missing; tables already present are never touched."""
+def install(conn: Connection, engine: str | None = None) -> InstallReport:
+    """Create every table of sql/ that is missing, then bring our own vb_ tables up to
+    SCHEMA_VERSION. VICIdial's tables already present are never touched.
+
+    ``engine`` (tests and benchmarks only) creates VICIdial's tables with that engine instead of
+    VICIdial's own MyISAM/MEMORY, as on a site that converted them.
+    """
+    if engine is not None and engine not in ENGINES:
+        raise DatabaseError(f"engine {engine!r}: not one of {', '.join(sorted(ENGINES))}")
     tables = _tables()
     database = _current_database(conn)
     present = _columns_present(conn, database)
@@ -230,9 +243,12 @@ def install(conn: Connection) -> InstallReport:
         if table.name in present:
             existing.append(table.name)
             continue
+        statement = table.statement
+        if engine is not None and table.source == "vicidial.sql":
+            statement = _ENGINE.sub(f"ENGINE={engine}", statement)
         try:
             with conn.cursor() as cur:
-                cur.execute(table.statement)
+                cur.execute(statement)
                 cur.execute("SHOW WARNINGS")
                 warnings = cur.fetchall()
         except pymysql.MySQLError as exc:
@@ -246,19 +262,110 @@ def install(conn: Connection) -> InstallReport:
         else:
             created.append(table.name)
     if "vb_schema_version" in created:
+        # Every vb_ table was just created at the current definitions: all versions apply.
+        _record_versions(conn, database, range(1, SCHEMA_VERSION + 1))
+        migrated: list[int] = []
+    else:
+        migrated = upgrade(conn)
+    return InstallReport(created=created, existing=existing, migrated=migrated)
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+def _column_exists(conn: Connection, table: str, column: str) -> bool:
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = DATABASE()"
+            " AND table_name = %s AND column_name = %s",
+            (table, column),
+        )
+        return cur.fetchone() is not None
+
+
+def _add_column(conn: Connection, table: str, column: str, definition: str) -> None:
+    """ALTER TABLE ... ADD COLUMN (and its index) unless the column is there already."""
+    if _column_exists(conn, table, column):
+        return
+    with conn.cursor() as cur:
+        cur.execute(
+            f"ALTER TABLE `{table}` ADD COLUMN `{column}` {definition}, ADD KEY (`{column}`)"
+        )
+
+
+def _v2(conn: Connection) -> None:
+    """vb_call_retries (per-call failover): created by install's table pass."""
+
+
+def _v3(conn: Connection) -> None:
+    """The database leader fence: vb_leader (table pass), decision epochs, retry states."""
+    _add_column(
+        conn,
+        "vb_decision_log",
+        "epoch",
+        "BIGINT UNSIGNED NULL COMMENT 'leader epoch that wrote a balance/failover row'",
+    )
+    _add_column(
+        conn,
+        "vb_call_retries",
+        "state",
+        "ENUM('placing','placed','undone') NOT NULL DEFAULT 'placed'",
+    )
+
+
+# Ordered steps for our own vb_ tables only (never VICIdial's); each is idempotent, so a step
+# that fails halfway is simply run again. Missing tables are created by install beforehand.
+MIGRATIONS: tuple[tuple[int, str, Callable[[Connection], None]], ...] = (
+    (2, "vb_call_retries for per-call failover", _v2),
+    (3, "vb_leader fence, vb_decision_log.epoch, vb_call_retries.state", _v3),
+)
+
+
+def _record_versions(conn: Connection, database: str, versions: range | list[int]) -> None:
+    try:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT IGNORE INTO vb_schema_version (version) VALUES (%s)",
+                [(v,) for v in versions],
+            )
+        if not conn.get_autocommit():
+            conn.commit()
+    except pymysql.MySQLError as exc:
+        raise DatabaseError(
+            f"database {database}: recording schema version in vb_schema_version failed"
+            f" ({_mysql_error(exc)})"
+        ) from None
+
+
+def schema_version(conn: Connection) -> int | None:
+    """The highest version recorded in vb_schema_version; None when that table is missing."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT MAX(version) FROM vb_schema_version")
+            row = cur.fetchone()
+    except pymysql.MySQLError:
+        return None
+    return int(row[0]) if row is not None and row[0] is not None else 0
+
+
+def upgrade(conn: Connection) -> list[int]:
+    """Apply the migrations newer than the recorded version; returns the versions applied."""
+    database = _current_database(conn)
+    current = schema_version(conn) or 0
+    applied: list[int] = []
+    for version, what, step in MIGRATIONS:
+        if version <= current:
+            continue
         try:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "INSERT IGNORE INTO vb_schema_version (version) VALUES (%s)", (SCHEMA_VERSION,)
-                )
-            if not conn.get_autocommit():
-                conn.commit()
+            step(conn)
         except pymysql.MySQLError as exc:
             raise DatabaseError(
-                f"database {database}: recording schema version in vb_schema_version failed"
+                f"database {database}: schema migration {version} ({what}) failed"
                 f" ({_mysql_error(exc)})"
             ) from None
-    return InstallReport(created=created, existing=existing)
+        _record_versions(conn, database, [version])
+        applied.append(version)
+    return applied
 
 
 def check(conn: Connection) -> list[SchemaProblem]:
@@ -266,6 +373,17 @@ def check(conn: Connection) -> list[SchemaProblem]:
     database = _current_database(conn)
     present = _columns_present(conn, database)
     problems: list[SchemaProblem] = []
+    if "vb_schema_version" in present:
+        version = schema_version(conn) or 0
+        if version < SCHEMA_VERSION:
+            problems.append(
+                SchemaProblem(
+                    "vb_schema_version",
+                    None,
+                    f"the vb_ tables are at schema version {version}, this balancer needs"
+                    f" {SCHEMA_VERSION}: run `vici-balancer schema install` to upgrade them",
+                )
+            )
     for table in _tables():
         columns = present.get(table.name)
         if columns is None:

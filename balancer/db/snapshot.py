@@ -53,9 +53,10 @@ _AUTO_CALLS = (
     "SELECT server_ip, campaign_id, call_type, COUNT(*) AS calls FROM vicidial_auto_calls"
     " GROUP BY server_ip, campaign_id, call_type"
 )
+# Every READY row in claim order (VICIdial's hopper is indexed on lead_id only: one scan).
 _HOPPER = (
-    "SELECT campaign_id, COUNT(*) AS ready FROM vicidial_hopper WHERE status = 'READY'"
-    " GROUP BY campaign_id"
+    "SELECT campaign_id, hopper_id FROM vicidial_hopper WHERE status = 'READY'"
+    " ORDER BY campaign_id, priority DESC, hopper_id"
 )
 
 
@@ -193,7 +194,10 @@ def read_snapshot(conn: Connection, config: BalanceConfig) -> DbSnapshot:
     live_agents = {
         text(camp): _int(n, 0) for camp, n in _rows(conn, _LIVE_AGENTS, _live_agent_params(config))
     }
-    hopper_ready = {text(camp): _int(n, 0) for camp, n in _rows(conn, _HOPPER)}
+    ready: dict[str, list[int]] = {}
+    for camp, hopper_id in _rows(conn, _HOPPER):
+        ready.setdefault(text(camp), []).append(int(hopper_id))
+    hopper_ready = {camp: len(ids) for camp, ids in ready.items()}
     return DbSnapshot(
         taken_at=taken_at,
         settings=_settings(settings_row),
@@ -204,6 +208,7 @@ def read_snapshot(conn: Connection, config: BalanceConfig) -> DbSnapshot:
         auto_calls=auto_calls,
         live_agents=live_agents,
         hopper_ready=hopper_ready,
+        hopper_ids={camp: tuple(ids) for camp, ids in ready.items()},
     )
 
 

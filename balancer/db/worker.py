@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import pymysql
 
@@ -17,6 +17,14 @@ from balancer.errors import DatabaseError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class DbRunner(Protocol):
+    """Something that runs blocking SQL work for async code (a DbWorker; tests may run inline)."""
+
+    async def run(self, fn: Callable[[Connection], T], idempotent: bool = True) -> T:
+        """Run ``fn(conn)`` and return its result."""
+        ...
 
 
 class DbWorker:

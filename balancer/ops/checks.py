@@ -24,6 +24,9 @@ from balancer.ami.session import LOOPBACK_ONLY_ENV, is_loopback
 from balancer.config import AmiConfig, Config
 from balancer.db import queries, records, schema
 from balancer.db.connection import connect
+from balancer.db.engines import FENCE_TABLE, WritePath, write_path
+from balancer.db.fence import LeaseRow
+from balancer.db.fence import read as read_lease
 from balancer.db.url import DatabaseUrl
 from balancer.errors import AmiProtocolError, BalancerError
 from balancer.live.registry import RowProblem, resolve
@@ -31,6 +34,8 @@ from balancer.store.factory import open_store
 
 STORE_TIMEOUT_S = 5.0
 AMI_PARALLEL = 20  # logins at once; a big cluster is still checked in a few seconds
+# Engines whose statements hold a table lock from start to end (see balancer/db/fence.py).
+LOCKING_ENGINES = frozenset({"MyISAM", "Aria"})
 
 
 @dataclass(frozen=True)
@@ -70,22 +75,43 @@ class _MysqlOutcome:
     problems: list[schema.SchemaProblem]
     servers: list[records.ServerRow] | None
     error: str | None
+    path: WritePath | None = None
+    lease: LeaseRow | None = None
 
 
 def _mysql_work(url: DatabaseUrl, timeout_s: float) -> _MysqlOutcome:
-    """Connect, compare the schema with sql/, read the servers table (on a worker thread)."""
+    """Connect, compare the schema with sql/, read the engines, the lease and the servers
+    table (on a worker thread)."""
     conn = connect(url, timeout_s)
     try:
         problems = schema.check(conn)
         try:
             servers: list[records.ServerRow] | None = queries.load_servers(conn)
+            path: WritePath | None = write_path(conn)
+            lease: LeaseRow | None = read_lease(conn)
             error = None
         except pymysql.MySQLError as exc:
-            servers = None
+            servers, path, lease = None, None, None
             error = f"cannot read the servers table ({exc.args[-1] if exc.args else exc})"
-        return _MysqlOutcome(problems, servers, error)
+        return _MysqlOutcome(problems, servers, error, path, lease)
     finally:
         conn.close()
+
+
+def _engines_line(path: WritePath) -> str:
+    """'write path: ...; engines: MEMORY (vicidial_hopper, ...), MyISAM (...)'."""
+    by_engine: dict[str, list[str]] = {}
+    for table, engine in sorted(path.engines.items()):
+        by_engine.setdefault(engine or "missing", []).append(table)
+    engines = "; ".join(f"{e}: {', '.join(t)}" for e, t in sorted(by_engine.items()))
+    return f"write path: {path.description}; engines: {engines}"
+
+
+def _lease_line(lease: LeaseRow | None) -> str:
+    if lease is None or not lease.holder or lease.remaining_s <= 0:
+        epoch = f" (last epoch {lease.epoch})" if lease is not None else ""
+        return f"no leader{epoch}"
+    return f"leader {lease.holder.split('/')[0]} (epoch {lease.epoch})"
 
 
 async def check_mysql(config: Config) -> tuple[CheckResult, list[records.ServerRow] | None]:
@@ -105,9 +131,19 @@ async def check_mysql(config: Config) -> tuple[CheckResult, list[records.ServerR
             hint = " (`vici-balancer schema install` creates missing tables)"
         detail = f"{url}: {len(outcome.problems)} schema problem(s): {missing}{hint}"
         return CheckResult("mysql", False, detail), outcome.servers
-    if outcome.error is not None:
+    if outcome.error is not None or outcome.path is None:
         return CheckResult("mysql", False, f"{url}: {outcome.error}"), None
-    return CheckResult("mysql", True, f"{url} (schema ok)"), outcome.servers
+    engines = _engines_line(outcome.path)
+    fence_engine = outcome.path.engines.get(FENCE_TABLE, "")
+    if fence_engine not in LOCKING_ENGINES:
+        detail = (
+            f"{url}: {FENCE_TABLE} is {fence_engine or 'missing'}: the leader fence needs a"
+            f" table-locking engine ({', '.join(sorted(LOCKING_ENGINES))}) so that a takeover"
+            f" can never fall inside a fenced write; {engines}"
+        )
+        return CheckResult("mysql", False, detail), outcome.servers
+    detail = f"{url} (schema ok; {_lease_line(outcome.lease)}; {engines})"
+    return CheckResult("mysql", True, detail), outcome.servers
 
 
 # --------------------------------------------------------------------------- Redis
@@ -126,7 +162,6 @@ async def check_redis(config: Config) -> CheckResult:
     where = getattr(store, "where", "redis")
     try:
         daemons = await asyncio.wait_for(store.daemons(), STORE_TIMEOUT_S)
-        leader = await asyncio.wait_for(store.lease_holder(), STORE_TIMEOUT_S)
     except BalancerError as exc:
         return CheckResult("redis", False, str(exc))
     except TimeoutError:
@@ -136,9 +171,8 @@ async def check_redis(config: Config) -> CheckResult:
     finally:
         await store.close()
     running = f"{len(daemons)} daemon{'' if len(daemons) == 1 else 's'} alive"
-    lead = f"leader {leader.split('/')[0]}" if leader else "no leader"
     return CheckResult(
-        "redis", True, f"{where} (key prefix {config.redis.key_prefix!r}; {running}, {lead})"
+        "redis", True, f"{where} (key prefix {config.redis.key_prefix!r}; {running})"
     )
 
 

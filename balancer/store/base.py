@@ -147,21 +147,5 @@ class StateStore(ABC):
         """A published document, or None when absent or expired."""
 
     @abstractmethod
-    async def acquire_lease(self, token: str, ttl_s: float) -> bool:
-        """Take the leader lease if free (or already ours) and extend it; True when we hold it."""
-
-    @abstractmethod
-    async def holds_lease(self, token: str) -> bool:
-        """Fencing check: True only while the lease is ours and unexpired."""
-
-    @abstractmethod
-    async def release_lease(self, token: str) -> None:
-        """Give the lease up if it is ours (a standby can take over at once)."""
-
-    @abstractmethod
-    async def lease_holder(self) -> str | None:
-        """The token of the current leader, if any."""
-
-    @abstractmethod
     async def close(self) -> None:
         """Release connections."""

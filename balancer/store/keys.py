@@ -10,7 +10,6 @@ Layout under the prefix (``vb:`` by default, so several clusters can share one R
     <p>drained                  set     operator's drain flags (outlive forget_server)
     <p>daemons                  set     names of daemons that have sent a heartbeat
     <p>daemon:<name>            string  with TTL: that daemon is alive
-    <p>leader                   string  with TTL: the leader lock
 """
 
 from __future__ import annotations
@@ -85,10 +84,6 @@ class Keys:
     def document(self, name: str) -> str:
         """String with a TTL: a published document such as the last balance cycle's summary."""
         return f"{self.prefix}doc:{name}"
-
-    def leader(self) -> str:
-        """String with a TTL holding the current leader's token (the leader lock)."""
-        return f"{self.prefix}leader"
 
     @staticmethod
     def carrier_field(carrier: str) -> str:

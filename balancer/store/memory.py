@@ -74,7 +74,6 @@ class MemoryStore(StateStore):
         self._servers: dict[str, _Server] = {}
         self._drained: set[str] = set()
         self._daemons: dict[str, float] = {}  # name -> time.monotonic() deadline
-        self._lease: tuple[str, float] | None = None
         self._documents: dict[
             str, tuple[str, float]
         ] = {}  # name -> (text, deadline)  # (token, time.monotonic() deadline)
@@ -190,33 +189,6 @@ class MemoryStore(StateStore):
         if entry is None or entry[1] <= time.monotonic():
             return None
         return entry[0]
-
-    async def acquire_lease(self, token: str, ttl_s: float) -> bool:
-        """Take or extend the in-process lease (one daemon per process: it always can)."""
-        now = time.monotonic()
-        if self._lease is None or self._lease[1] <= now or self._lease[0] == token:
-            self._lease = (token, now + ttl_s)
-            return True
-        return False
-
-    async def holds_lease(self, token: str) -> bool:
-        """True while the lease is ours and unexpired."""
-        return (
-            self._lease is not None
-            and self._lease[0] == token
-            and self._lease[1] > time.monotonic()
-        )
-
-    async def release_lease(self, token: str) -> None:
-        """Drop the lease if it is ours."""
-        if self._lease is not None and self._lease[0] == token:
-            self._lease = None
-
-    async def lease_holder(self) -> str | None:
-        """The current holder's token, if unexpired."""
-        if self._lease is not None and self._lease[1] > time.monotonic():
-            return self._lease[0]
-        return None
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -53,21 +53,6 @@ local function advance(key, t)
 end
 """
 
-# The leader lease: KEYS[1] = lease key, ARGV = token, ttl in ms. Extending and taking are one
-# step, so a lease that expired between a check and a write cannot be "extended" by its old owner.
-_LEASE_ACQUIRE_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if cur == false or cur == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-_LEASE_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 # KEYS: channels, counts, meta, servers
 # ARGV: server_ip, last_event_at ('' = none), n_adds, n_adds (uniqueid, encoded) pairs,
 #       then the uniqueids to remove.
@@ -321,8 +306,6 @@ class RedisStore(StateStore):
         self._apply = self._client.register_script(_APPLY_LUA)
         self._replace = self._client.register_script(_REPLACE_LUA)
         self._set_meta = self._client.register_script(_SET_META_LUA)
-        self._lease_acquire = self._client.register_script(_LEASE_ACQUIRE_LUA)
-        self._lease_release = self._client.register_script(_LEASE_RELEASE_LUA)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.where!r}, key_prefix={self.keys.prefix!r})"
@@ -512,30 +495,6 @@ class RedisStore(StateStore):
         """GET; None when absent or expired."""
         with self._errors:
             return cast(str | None, await self._client.get(self.keys.document(name)))
-
-    async def acquire_lease(self, token: str, ttl_s: float) -> bool:
-        """SET NX with a TTL, or extend it when the lease is already ours (one script, atomic)."""
-        with self._errors:
-            result = await self._lease_acquire(
-                keys=[self.keys.leader()], args=[token, max(1, round(ttl_s * 1000))]
-            )
-        return bool(result)
-
-    async def holds_lease(self, token: str) -> bool:
-        """Fencing check: the lease key still holds our token (it expires with its TTL)."""
-        with self._errors:
-            holder = await self._client.get(self.keys.leader())
-        return holder == token
-
-    async def release_lease(self, token: str) -> None:
-        """Delete the lease only if it is ours."""
-        with self._errors:
-            await self._lease_release(keys=[self.keys.leader()], args=[token])
-
-    async def lease_holder(self) -> str | None:
-        """The current leader's token, if any."""
-        with self._errors:
-            return cast(str | None, await self._client.get(self.keys.leader()))
 
     async def close(self) -> None:
         """Close the client and its connection pool."""

@@ -27,7 +27,7 @@ import pytest_asyncio
 from conftest import execute, fetchall
 from tracking_helpers import eventually, health_is, make_config, running, store_matches_sim
 
-from balancer.config import BalanceConfig, Config, RedisConfig
+from balancer.config import BalanceConfig, Config
 from balancer.daemon import Daemon
 from balancer.db.connection import Connection, connect
 from balancer.db.url import DatabaseUrl
@@ -125,21 +125,38 @@ async def placing(db: Connection, more_than: int) -> bool:
     return placed(db) > more_than
 
 
-def assert_invariants(db: Connection) -> None:
-    """No lead twice, no call row without its Originate, no lead left claimed."""
+def assert_invariants(db: Connection, *, settled: bool = True) -> None:
+    """No lead twice, no call row without its Originate, no lead left claimed.
+
+    While a daemon runs (``settled=False``) one placement may be in flight: its hopper rows are
+    claimed by our marker, and its current call may have records but no Originate yet.
+    """
     manager = fetchall(db, "SELECT callerid, server_ip FROM vicidial_manager")
     codes = [r["callerid"] for r in manager]
     assert len(codes) == len(set(codes)), "an Originate was written twice"
     leads = [str(c)[-10:] for c in codes]
     assert len(leads) == len(set(leads)), "a lead was dialed twice"
+    claimed = fetchall(
+        db, "SELECT lead_id, status, user FROM vicidial_hopper WHERE status <> 'READY'"
+    )
+    in_flight = {f"{int(r['lead_id']):010d}" for r in claimed if r["status"] == "QUEUE"}  # type: ignore[call-overload]
+    if settled:
+        assert claimed == [], f"leads left claimed: {claimed}"
+    else:
+        assert all(str(r["user"]).startswith("VB") for r in claimed), claimed
+
+    def unexplained(rows: set[object]) -> set[object]:
+        return {c for c in rows - set(codes) if str(c)[-10:] not in in_flight}
+
     calls = {r["callerid"] for r in fetchall(db, "SELECT callerid FROM vicidial_auto_calls")}
-    assert calls <= set(codes), "a call row has no Originate row"
+    assert unexplained(calls) == set(), "a call row has no Originate row"
     logged = {r["caller_code"] for r in fetchall(db, "SELECT caller_code FROM vicidial_dial_log")}
-    assert logged == set(codes), "dial log and Originate rows disagree"
-    stranded = fetchall(db, "SELECT lead_id, status FROM vicidial_hopper WHERE status <> 'READY'")
-    assert stranded == [], f"leads left claimed: {stranded}"
-    in_hopper = {int(r["lead_id"]) for r in fetchall(db, "SELECT lead_id FROM vicidial_hopper")}  # type: ignore[call-overload]
-    assert not {int(lead) for lead in leads} & in_hopper, "a dialed lead is back in the hopper"
+    assert unexplained(logged) == set() and set(codes) <= logged, "dial log and Originates disagree"
+    ready = {
+        int(r["lead_id"])  # type: ignore[call-overload]
+        for r in fetchall(db, "SELECT lead_id FROM vicidial_hopper WHERE status = 'READY'")
+    }
+    assert not {int(lead) for lead in leads} & ready, "a dialed lead is back in the hopper"
 
 
 async def assert_counts_exact(daemon: Daemon, sims: list[SimAsterisk]) -> None:
@@ -167,7 +184,7 @@ async def test_kill_a_server(db: Connection, redis_db: str, cluster: Cluster) ->
         await eventually(lambda: health_is(daemon.store, IPS[2], Health.DOWN), timeout=3)
         mark = placed(db)
         await eventually(lambda: placing(db, mark + 10), timeout=15)
-        assert_invariants(db)
+        assert_invariants(db, settled=False)
         await assert_counts_exact(daemon, cluster.sims[:2])
     assert_invariants(db)
 
@@ -247,12 +264,15 @@ async def test_restart_redis(db: Connection, cluster: Cluster) -> None:
             await eventually(lambda: placing(db, 10), timeout=15)
             redis_proc.kill()
             redis_proc.wait()
-            await asyncio.sleep(1.0)  # lease renewals and fencing checks fail: nothing placed
+            # The lease lives in the database and stays ours, but without the live view (lines,
+            # drain flags) no cycle places a call; the placement in flight has ended by now.
+            await asyncio.sleep(1.0)
             mark = placed(db)
             await asyncio.sleep(1.0)
-            assert placed(db) <= mark + 1  # at most the call whose fence passed just before
+            assert placed(db) == mark
+            assert daemon.leadership.leading
             redis_proc = _start_redis(port)
-            # The lease is taken again, the state rebuilt from snapshots, placing resumes.
+            # The state is rebuilt from snapshots and placing resumes, under the same epoch.
             await eventually(lambda: placing(db, mark + 10), timeout=20)
             await assert_counts_exact(daemon, cluster.sims)
             assert daemon.tracker.store_errors > 0
@@ -325,14 +345,10 @@ def _spawn_daemon(config_path: Path) -> subprocess.Popen[bytes]:
         )
 
 
-async def _lease_holder(config: Config) -> str | None:
-    from balancer.store.factory import open_store
-
-    store = open_store(RedisConfig(url=config.redis.url, key_prefix=config.redis.key_prefix))
-    try:
-        return await store.lease_holder()
-    finally:
-        await store.close()
+def lease_holder(db: Connection) -> str:
+    """Who holds the balance lease in vb_leader ('' when released or never taken)."""
+    rows = fetchall(db, "SELECT holder, expires_at > NOW(6) AS live FROM vb_leader")
+    return str(rows[0]["holder"]) if rows and rows[0]["live"] else ""
 
 
 async def test_kill_the_leader_while_a_standby_runs(
@@ -345,23 +361,22 @@ async def test_kill_the_leader_while_a_standby_runs(
     try:
 
         async def subprocess_leads() -> bool:
-            holder = await _lease_holder(config)
-            return holder is not None and f":{leader.pid}/" in holder
+            return f":{leader.pid}/" in lease_holder(db)
 
         await eventually(subprocess_leads, timeout=15)
         standby = Daemon(config)
         async with running(standby):
             await eventually(lambda: placing(db, 10), timeout=15)
             assert not standby.leadership.leading
-            leader.send_signal(signal.SIGKILL)  # mid-cycle, mid-transaction maybe: no cleanup
+            leader.send_signal(signal.SIGKILL)  # mid-cycle, mid-call maybe: no cleanup at all
             leader.wait(5)
-            begun = time.monotonic()
 
             async def standby_leads() -> bool:
                 return standby.leadership.leading
 
-            await eventually(standby_leads, timeout=5)
-            assert time.monotonic() - begun < config.balance.lock_ttl_s + 1.0
+            # it takes over once the lease expires by the database's clock; its first cycle's
+            # repair step finishes or undoes whatever the killed leader left between two writes
+            await eventually(standby_leads, timeout=10 * config.balance.lock_ttl_s)
             mark = placed(db)
             await eventually(lambda: placing(db, mark + 10), timeout=15)
             await assert_counts_exact(standby, cluster.sims)
@@ -382,16 +397,14 @@ async def test_sigterm_mid_cycle(
     proc = _spawn_daemon(path)
     try:
         await eventually(lambda: placing(db, 5), timeout=15)
-        begun = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(proc.wait, 10)
+        code = await asyncio.to_thread(proc.wait, 20)
         assert code == 0
-        assert time.monotonic() - begun < 5
         # The one summary line with counters.
         assert "stopped after" in path.with_suffix(".log").read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert await _lease_holder(config) is None  # released, not left to expire
+    assert lease_holder(db) == ""  # released, not left to expire
     assert_invariants(db)
