@@ -22,8 +22,10 @@ from balancer.ami.fabric import Fabric
 from balancer.balance.cycle import BalanceCycle, CycleResult
 from balancer.balance.executor import Executor
 from balancer.balance.leader import Leadership
+from balancer.balance.model import ServerInfo
 from balancer.carriers.failover import Failover
 from balancer.carriers.health import CarrierHealth
+from balancer.carriers.routing import PlacedCall
 from balancer.config import Config
 from balancer.db import queries, records
 from balancer.db.connection import Connection
@@ -33,7 +35,7 @@ from balancer.live.registry import Registry, WatchedServer, trunk_names
 from balancer.live.tracker import TRACKED_EVENTS, Classifier, Tracker
 from balancer.ops.metrics import CycleStats
 from balancer.ops.metrics_http import MetricsServer
-from balancer.store.base import ServerMeta, StateStore
+from balancer.store.base import Health, ServerMeta, StateStore
 from balancer.store.factory import open_store
 from balancer.store.keys import BALANCE_SUMMARY
 from balancer.store.memory import MemoryStore
@@ -107,6 +109,10 @@ class Daemon:
             fence=lambda: self.leadership.fence,
             on_fence_lost=self.leadership.lost,
         )
+        self.failover.snapshot = lambda: (
+            None if self.last_cycle is None else self.last_cycle.snapshot
+        )
+        self.failover.alternates = self._retry_servers
         self.tracker.add_listener(self.carrier_health)
         self.tracker.add_listener(self.failover)
         self.cycle: BalanceCycle | None = None
@@ -168,6 +174,29 @@ class Daemon:
                 await stop.wait()
         finally:
             await self._shutdown()
+
+    def _retry_servers(self, call: PlacedCall) -> list[ServerInfo]:
+        """Where a failed call may be re-placed when no carrier is left on its own server: the
+        other active, balance-active servers that are UP, not drained and have trunk lines to
+        spare by the last cycle's live view, most spare lines first."""
+        if self.cycle is None or self.last_cycle is None:
+            return []
+        live = self.cycle.live
+        spare: list[tuple[int, str, ServerInfo]] = []
+        for ip, server in self.last_cycle.snapshot.servers.items():
+            view = live.get(ip)
+            if (
+                ip == call.server_ip
+                or view is None
+                or not (server.active and server.balance_active)
+            ):
+                continue
+            if view.health is not Health.UP or view.drained:
+                continue
+            free = server.max_trunks - server.offlimits - view.trunk_lines
+            if free > 0:
+                spare.append((-free, ip, server))
+        return [server for _, _, server in sorted(spare)]
 
     async def reload(self, new: Config) -> list[str]:
         """Apply a new configuration without dropping AMI sessions (SIGHUP).

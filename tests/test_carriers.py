@@ -583,6 +583,100 @@ async def test_failover_retries_once_and_logs_every_decision(
     assert seed.count(db, "vicidial_manager") == 2
 
 
+async def _until(check: Any, what: str) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not reached: {what}")
+
+
+async def test_a_new_leader_re_places_the_failed_calls_of_the_old_one(
+    db: Connection, database_url: Any
+) -> None:
+    """The standby never saw the call being placed: it heard the failure, and once it leads it
+    finds the call in the database and re-places it."""
+    old_health, _ = make()
+    _, call = await first_call(db, old_health)  # placed by the old leader
+    standby_health, _ = make()
+    standby_health.update_registry(
+        {}, [CarrierRow(c.id, "0.0.0.0", "SIP", "") for c in CARRIERS], ()
+    )
+    fence: list[LeaderFence] = []
+    failover = Failover(
+        SETTINGS,
+        standby_health,
+        fence=lambda: fence[0] if fence else None,
+        now=lambda: EXAMPLE_NOW,
+    )
+    failover.snapshot = lambda: seed.snapshot(db)
+    # the old leader dies; its call fails on alpha while the standby is not leading yet
+    failover.on_channel_event("10.10.0.1", hangup_event(call.caller_code, 34), None)
+    assert [u[1] for u in failover.unknown] == [call.caller_code]
+    execute(db, "UPDATE vb_leader SET expires_at = NOW(6) - INTERVAL 1 SECOND")
+    fence.append(seed.take_lease(db, "the-standby"))
+    worker = DbWorker(database_url)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(failover.run(stop, worker))
+    try:
+        await _until(lambda: failover.retried == 1, "the retry")
+    finally:
+        stop.set()
+        await runner
+        await worker.close()
+    assert failover.adopted == 1
+    [retry] = fetchall(db, "SELECT * FROM vb_call_retries")
+    assert (retry["caller_code"], retry["failed_carrier"], retry["retry_carrier"]) == (
+        call.caller_code,
+        "alpha",
+        "beta",
+    )
+    assert retry["state"] == "placed"
+    manager = fetchall(db, "SELECT callerid, cmd_line_d FROM vicidial_manager ORDER BY man_id")
+    assert manager[-1] == {
+        "callerid": retry["retry_caller_code"],
+        "cmd_line_d": "Channel: Local/813125550001@default",
+    }
+    [logged] = fetchall(db, "SELECT outcome, epoch FROM vb_decision_log WHERE kind = 'failover'")
+    assert logged == {"outcome": "retried", "epoch": fence[0].epoch}
+    # VICIdial's own calls (not OUTBALANCE) and unknown codes are never adopted
+    failover.on_channel_event("10.10.0.1", hangup_event("V0101000000000000042", 34), None)
+    assert failover.retried == 1
+
+
+async def test_a_retry_moves_to_another_server_when_no_carrier_is_left_on_its_own(
+    db: Connection, database_url: Any
+) -> None:
+    carriers = (
+        CarrierConfig("alpha", "7"),
+        CarrierConfig("beta", "8", servers=("10.10.0.2",)),  # not on 10.10.0.1
+    )
+    health, _ = make(carriers=carriers)
+    seed.server(db, "10.10.0.2", ext_context="other")
+    _, call = await first_call(db, health)
+    failover = failover_of(health, seed.take_lease(db))
+    snap = seed.snapshot(db)
+    failover.alternates = lambda failed: [snap.servers["10.10.0.2"]]
+    health.placed(call)
+    worker = DbWorker(database_url)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(failover.run(stop, worker))
+    try:
+        failover.on_channel_event("10.10.0.1", hangup_event(call.caller_code, 34), None)
+        await _until(lambda: failover.retried == 1, "the retry")
+    finally:
+        stop.set()
+        await runner
+        await worker.close()
+    last = fetchall(db, "SELECT server_ip, cmd_line_c FROM vicidial_manager ORDER BY man_id")[-1]
+    assert last == {"server_ip": "10.10.0.2", "cmd_line_c": "Context: other"}
+    [moved] = fetchall(db, "SELECT server_ip, callerid FROM vicidial_auto_calls")
+    assert moved["server_ip"] == "10.10.0.2"  # the lead's one call in progress moved with it
+    [logged] = fetchall(db, "SELECT reason, details FROM vb_decision_log WHERE kind = 'failover'")
+    assert "on 10.10.0.2 (no carrier left on 10.10.0.1)" in str(logged["reason"])
+    assert '"moved_to":"10.10.0.2"' in str(logged["details"])
+
+
 # --------------------------------------------------------------------------- `routes`
 
 

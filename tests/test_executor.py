@@ -363,7 +363,7 @@ async def test_end_to_end_with_simulated_servers(
     for sender in senders:
         await sender.start()
     try:
-        for _ in range(250):
+        for _ in range(1500):  # a deadline (30 s) only so a hung sender ends the test
             if seed.count(db, "vicidial_manager", "status = 'NEW'") == 0:
                 break
             await asyncio.sleep(0.02)

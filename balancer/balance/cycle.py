@@ -61,6 +61,7 @@ class BalanceCycle:
         self.executor = executor
         self.cycles = 0
         self.calls_placed = 0
+        self.live: dict[str, LiveServer] = {}  # the live view the last cycle planned with
         self._recent: deque[tuple[float, str, int]] = deque()  # (monotonic, campaign, calls)
 
     def _cycle_id(self) -> str:
@@ -74,7 +75,8 @@ class BalanceCycle:
         balance = self.config.balance
         snapshot = await self.db.run(lambda conn: read_snapshot(conn, balance))
         # Faithful mode ignores health and line counts but still honours operators' drain flags.
-        plan = plan_cycle(snapshot, await live_view(self.store), balance)
+        self.live = await live_view(self.store)
+        plan = plan_cycle(snapshot, self.live, balance)
         skipped: str | None = None
         report: ExecutionReport | None = None
         if dry_run:

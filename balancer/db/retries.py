@@ -195,3 +195,50 @@ def _take_over_auto_call(conn: Connection, fence: LeaderFence, call: PlacedCall,
     if not holds(conn, fence):
         raise FenceLost(f"lease {fence.name!r}: epoch {fence.epoch} lost re-placing a call")
     return insert_auto_call(conn, fence, dial)
+
+
+@dataclass(frozen=True)
+class FoundCall:
+    """A balance call's Originate as the database has it (for a leader that did not place it)."""
+
+    caller_code: str
+    server_ip: str
+    campaign_id: str
+    lead_id: int
+    phone_code: str
+    number: str
+    alt_dial: str
+    dial_string: str
+    placed_at: datetime
+    retry_of: str | None  # the failed call's caller code, when this call was its retry
+
+
+def find_balance_call(conn: Connection, caller_code: str) -> FoundCall | None:
+    """The OUTBALANCE Originate queued under this caller code, or None (not a balance call)."""
+    row = one_row(
+        conn,
+        "SELECT m.server_ip, m.cmd_line_d, m.cmd_line_k, m.entry_date, r.caller_code"
+        " FROM vicidial_manager AS m"
+        " LEFT JOIN vb_call_retries AS r ON r.retry_caller_code = m.callerid"
+        " WHERE m.callerid = %s AND m.action = 'Originate' ORDER BY m.man_id DESC LIMIT 1",
+        caller_code,
+    )
+    if row is None or not isinstance(row[3], datetime):
+        return None
+    note = text(row[2]).removeprefix("VDACnote: ").split("|")
+    channel = text(row[1]).removeprefix("Channel: ")
+    if len(note) < 6 or note[4] != "OUTBALANCE" or not channel.startswith("Local/"):
+        return None
+    dial_string = channel.removeprefix("Local/").split("@", 1)[0]
+    return FoundCall(
+        caller_code=caller_code,
+        server_ip=text(row[0]),
+        campaign_id=note[0],
+        lead_id=int(note[1]) if note[1].isdigit() else 0,
+        phone_code=note[2],
+        number=note[3],
+        alt_dial=note[5],
+        dial_string=dial_string,
+        placed_at=row[3],
+        retry_of=None if row[4] is None else text(row[4]),
+    )
