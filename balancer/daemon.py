@@ -31,9 +31,10 @@ from balancer.db import queries, records
 from balancer.db.connection import Connection
 from balancer.db.worker import DbWorker
 from balancer.errors import AmiError, BalancerError
+from balancer.kamailio.sync import KamailioSync
 from balancer.live.registry import Registry, WatchedServer, trunk_names
 from balancer.live.tracker import TRACKED_EVENTS, Classifier, Tracker
-from balancer.ops.metrics import CycleStats
+from balancer.ops.metrics import KAMAILIO_LAG_BUCKETS_S, CycleStats, Histogram
 from balancer.ops.metrics_http import MetricsServer
 from balancer.store.base import Health, ServerMeta, StateStore
 from balancer.store.factory import open_store
@@ -121,6 +122,9 @@ class Daemon:
         self.cycle_stats = CycleStats()
         self.metrics: MetricsServer | None = None
         self.reloads = 0
+        # [kamailio]: the dispatcher follows the live view (reads the store, like status).
+        self.kamailio: KamailioSync | None = None
+        self.kamailio_lag = Histogram(KAMAILIO_LAG_BUCKETS_S)
 
     async def serve(self, stop: asyncio.Event | None = None, balance: bool | None = None) -> None:
         """Run until ``stop`` is set (or the task is cancelled), then shut down in order.
@@ -171,6 +175,15 @@ class Daemon:
                     is_leader=(lambda: self.leadership.leading) if balance else None,
                 )
                 group.create_task(self.keeper.run(stop), name="login-flags")
+                if self.config.kamailio is not None:
+                    self.kamailio = KamailioSync(
+                        self.config,
+                        self.store,
+                        self.name,
+                        is_leader=(lambda: self.leadership.leading) if balance else None,
+                        lag=self.kamailio_lag,
+                    )
+                    group.create_task(self.kamailio.run(stop), name="kamailio")
                 await stop.wait()
         finally:
             await self._shutdown()
@@ -216,6 +229,9 @@ class Daemon:
         if new.redis != self.config.redis:
             notes.append("[redis] changes need a restart; the running settings are kept")
             new = replace(new, redis=self.config.redis)
+        if new.kamailio != self.config.kamailio:
+            notes.append("[kamailio] changes need a restart; the running settings are kept")
+            new = replace(new, kamailio=self.config.kamailio)
         self.config = new
         self.registry.ami = new.ami
         self.tracker.health_config = new.health

@@ -23,3 +23,7 @@ class AmiError(BalancerError):
 
 class AmiProtocolError(AmiError):
     """The peer sent bytes that are not AMI (oversized line, garbage)."""
+
+
+class KamailioError(BalancerError):
+    """A Kamailio JSON-RPC endpoint is unreachable, slow, or refused a command."""

@@ -48,6 +48,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CYCLE_BUCKETS_S: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BREAKER_STATES: tuple[str, ...] = ("closed", "open", "half-open")  # routing.BreakerState
 HEALTH_STATES: tuple[Health, ...] = (Health.UP, Health.SUSPECT, Health.DOWN)
+# Publish lag to Kamailio (balancer sees a change -> Kamailio acknowledged it): milliseconds
+# normally, the retry backoff while an endpoint is down.
+KAMAILIO_LAG_BUCKETS_S: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STORE_READ_TIMEOUT_S = 2.0
 
 Labels = Mapping[str, str]
@@ -471,7 +474,61 @@ async def render(daemon: MetricsSource, events: EventRate | None = None) -> str:
         "1 for each carrier breaker's current state (per server if it has one), 0 for others.",
         _breaker_samples(getattr(daemon, "carrier_health", None)),
     )
+    _kamailio_metrics(out, daemon)
     return out.text()
+
+
+def _kamailio_metrics(out: Exposition, daemon: MetricsSource) -> None:
+    """[kamailio] publishing, per endpoint (absent without the section). Reads the daemon's
+    ``kamailio`` (a KamailioSync) and ``kamailio_lag`` (a Histogram) found with getattr."""
+    sync = getattr(daemon, "kamailio", None)
+    publishers = getattr(sync, "publishers", None) or []
+    rows = [({"endpoint": p.endpoint.name}, p) for p in publishers]
+    out.family(
+        "kamailio_endpoint_up",
+        "gauge",
+        "1 when the last publish to this Kamailio's RPC endpoint succeeded, else 0.",
+        [(labels, 1 if p.reachable else 0) for labels, p in rows],
+    )
+    out.family(
+        "kamailio_publishes_total",
+        "counter",
+        "Changes published to Kamailio, by kind (state: dispatcher.set_duid_state; reload).",
+        [
+            sample
+            for labels, p in rows
+            for sample in (
+                ({**labels, "kind": "state"}, p.stats.state_changes),
+                ({**labels, "kind": "reload"}, p.stats.reloads),
+            )
+        ],
+    )
+    out.family(
+        "kamailio_publish_failures_total",
+        "counter",
+        "Publish passes that failed (endpoint unreachable, slow or refusing).",
+        [(labels, p.stats.failures) for labels, p in rows],
+    )
+    out.family(
+        "kamailio_reloads_deferred_total",
+        "counter",
+        "Reloads postponed by kamailio.max_reloads_per_minute or refused by reload_delta.",
+        [(labels, p.stats.reloads_deferred) for labels, p in rows],
+    )
+    out.family(
+        "kamailio_last_publish_timestamp_seconds",
+        "gauge",
+        "When a change was last published to this Kamailio (epoch seconds).",
+        [(labels, p.stats.last_publish_at) for labels, p in rows if p.stats.last_publish_at],
+    )
+    lag = getattr(daemon, "kamailio_lag", None)
+    if rows and isinstance(lag, Histogram):
+        out.histogram(
+            "kamailio_publish_lag_seconds",
+            "From the balancer seeing a destination's state change to Kamailio acknowledging it.",
+            lag,
+            {},
+        )
 
 
 def _breaker_samples(health: Any) -> list[tuple[Labels, float]]:

@@ -23,6 +23,8 @@ CARRIER_FIELD = "carrier:"
 # the leader's carrier health and route table, for `routes`.
 BALANCE_SUMMARY = "balance"
 ROUTES_DOCUMENT = "routes"
+# Each publishing daemon's Kamailio state, as "kamailio:<daemon name>" (for status/kamailio).
+KAMAILIO_DOCUMENT = "kamailio"
 
 
 class Keys:

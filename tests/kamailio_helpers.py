@@ -1,0 +1,279 @@
+"""Real Kamailio and SIPp for the Kamailio tests and the benchmark: processes on loopback.
+
+`KamailioProcess` runs /usr/sbin/kamailio with the shipped config/kamailio.cfg (its #!define
+values overridden with -A), SIP on a UDP loopback port and JSON-RPC over HTTP on a TCP one.
+`SippUas` is one Asterisk server's SIP side (a SIPp UAS answering INVITEs, and OPTIONS with -aa),
+counting the INVITEs it received from its message trace. `run_uac` sends a bounded number of
+INVITEs to Kamailio and waits for SIPp to finish by itself. Every process is started here and
+ended here by its own pid; none outlives its test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+KAMAILIO_CFG = ROOT / "config" / "kamailio.cfg"
+UAC_SCENARIO = ROOT / "tests" / "data" / "sipp" / "uac.xml"
+HOW_TO_INSTALL = "install Kamailio and SIPp with `bash scripts/services` (or run `make test`)"
+
+
+def kamailio_binary() -> str:
+    """Path of kamailio; AssertionError (a failure, never a skip) when it is not installed."""
+    found = shutil.which("kamailio") or (
+        "/usr/sbin/kamailio" if os.path.exists("/usr/sbin/kamailio") else None
+    )
+    assert found, f"kamailio is not installed: {HOW_TO_INSTALL}"
+    return found
+
+
+def sipp_binary() -> str:
+    found = shutil.which("sipp")
+    assert found, f"sipp is not installed: {HOW_TO_INSTALL}"
+    return found
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    """A loopback port nobody listens on right now (UDP by default)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rpc(url: str, method: str, *params: object, timeout_s: float = 2.0) -> Any:
+    """One JSON-RPC call (the tests' own client, independent of the balancer's)."""
+    body = json.dumps({"jsonrpc": "2.0", "method": method, "params": list(params), "id": 1})
+    request = urllib.request.Request(url, data=body.encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            reply = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        reply = json.loads(exc.read())
+    if "error" in reply:
+        raise RuntimeError(f"{method}: {reply['error']}")
+    return reply["result"]
+
+
+def flags_by_duid(url: str, set_id: int = 1) -> dict[str, str]:
+    """duid -> FLAGS ("AP", "IX", "DX", ...) of one set, from dispatcher.list."""
+    out: dict[str, str] = {}
+    result = rpc(url, "dispatcher.list")
+    for record in result.get("RECORDS") or []:
+        if record["SET"]["ID"] != set_id:
+            continue
+        for target in record["SET"]["TARGETS"]:
+            dest = target["DEST"]
+            out[str(dest["ATTRS"]["DUID"])] = str(dest["FLAGS"])
+    return out
+
+
+def weights_by_duid(url: str, set_id: int = 1, attr: str = "RWEIGHT") -> dict[str, int]:
+    out: dict[str, int] = {}
+    for record in rpc(url, "dispatcher.list").get("RECORDS") or []:
+        if record["SET"]["ID"] == set_id:
+            for target in record["SET"]["TARGETS"]:
+                dest = target["DEST"]
+                out[str(dest["ATTRS"]["DUID"])] = int(dest["ATTRS"][attr])
+    return out
+
+
+@dataclass
+class KamailioProcess:
+    """One Kamailio on loopback running the shipped config."""
+
+    workdir: Path
+    defines: dict[str, str] = field(default_factory=dict)
+    sip_port: int = field(default_factory=free_port)
+    rpc_port: int = field(default_factory=lambda: free_port(socket.SOCK_STREAM))
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.rpc_port}/RPC"
+
+    @property
+    def list_file(self) -> Path:
+        return self.workdir / "dispatcher.list"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"kamailio-{self.rpc_port}.log"
+
+    def command(self) -> list[str]:
+        values = {
+            "SIP_LISTEN": f"udp:127.0.0.1:{self.sip_port}",
+            "RPC_LISTEN": f"tcp:127.0.0.1:{self.rpc_port}",
+            "RPC_PORT": str(self.rpc_port),
+            "DS_LIST": f'"{self.list_file}"',
+            "RELOAD_DELTA": "1",
+            "CHILDREN": "2",
+            **self.defines,
+        }
+        args = [kamailio_binary(), "-f", str(KAMAILIO_CFG), "-DD", "-E", "-m", "48", "-M", "4"]
+        args += ["-Y", str(self.workdir), "-P", str(self.workdir / f"kamailio-{self.rpc_port}.pid")]
+        for name, value in values.items():
+            args += ["-A", f"{name}={value}"]
+        return args
+
+    def start(self, within_s: float = 15.0) -> None:
+        """Start and wait until its RPC answers (an empty list file is created if missing)."""
+        assert self.process is None, "already running"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.list_file.exists():
+            self.list_file.write_text("")
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        log.close()
+        self.starts += 1
+        deadline = time.monotonic() + within_s
+        while True:
+            if self.process.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise AssertionError(f"kamailio exited with {self.process.returncode}:\n{tail}")
+            try:
+                rpc(self.url, "core.uptime", timeout_s=0.5)
+                return
+            except (OSError, ValueError, RuntimeError):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise AssertionError(
+                        f"kamailio RPC did not answer within {within_s}s"
+                    ) from None
+                time.sleep(0.05)
+
+    def stop(self, within_s: float = 10.0) -> None:
+        """SIGTERM (Kamailio's main process ends its children), SIGKILL to its group if stuck."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(within_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+        # Its children share the session it leads; make sure none lingers on our ports.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@dataclass
+class SippUas:
+    """One server's SIP side: a SIPp UAS on a loopback port that answers INVITEs (and OPTIONS)."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"sip:127.0.0.1:{self.port}"
+
+    @property
+    def trace(self) -> Path:
+        return self.workdir / f"uas-{self.port}.log"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                sipp_binary(),
+                "-sn",
+                "uas",
+                "-aa",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-nostdin",
+                "-trace_msg",
+                "-message_file",
+                str(self.trace),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def invites(self) -> int:
+        """INVITEs received so far (SIPp writes its message trace as it goes)."""
+        if not self.trace.exists():
+            return 0
+        with self.trace.open("rb") as handle:
+            return sum(1 for line in handle if line.startswith(b"INVITE sip:"))
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+async def run_uac(
+    kamailio: KamailioProcess, calls: int, rate: int = 200, workdir: Path | None = None
+) -> str:
+    """Send ``calls`` INVITEs to Kamailio at ``rate``/s and wait for SIPp to end by itself.
+
+    Returns SIPp's summary; AssertionError when a call failed or SIPp overran its deadline.
+    """
+    out = (workdir or kamailio.workdir) / f"uac-{time.monotonic_ns()}.out"
+    timeout_s = max(10, 5 * calls // max(1, rate) + 10)
+    with out.open("wb") as handle:
+        process = await asyncio.create_subprocess_exec(
+            sipp_binary(),
+            "-sf",
+            str(UAC_SCENARIO),
+            f"127.0.0.1:{kamailio.sip_port}",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(free_port()),
+            "-m",
+            str(calls),
+            "-r",
+            str(rate),
+            "-l",
+            "200",
+            "-timeout",
+            f"{timeout_s}s",
+            "-timeout_error",
+            "-nostdin",
+            stdout=handle,
+            stderr=handle,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            code = await asyncio.wait_for(process.wait(), timeout_s + 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise AssertionError(f"sipp uac did not end within {timeout_s + 10}s") from None
+    summary = out.read_text(errors="replace")
+    assert code == 0, f"sipp uac exited {code} (some calls failed):\n{summary[-3000:]}"
+    return summary

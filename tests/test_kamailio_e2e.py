@@ -1,0 +1,326 @@
+"""Kamailio's dispatcher follows the balancer: real Kamailio (the shipped config), real SIP.
+
+Each simulated Asterisk is a server's AMI side; a SIPp UAS on its own loopback port is its SIP
+side; a SIPp UAC sends INVITEs to Kamailio, and each UAS counts what it received. Kamailio's own
+OPTIONS probing runs at the shipped settings throughout, and every UAS keeps answering OPTIONS:
+whatever takes a destination out here is the balancer, not the probing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from kamailio_helpers import KamailioProcess, SippUas, flags_by_duid, rpc, run_uac, weights_by_duid
+from tracking_helpers import make_config, running, seed_server
+
+from balancer.config import BalanceConfig, KamailioConfig, KamailioEndpoint, KamailioSet
+from balancer.daemon import Daemon
+from balancer.db.connection import connect
+from balancer.db.url import DatabaseUrl
+from balancer.sim.server import SimAsterisk
+
+pytestmark = pytest.mark.slow
+
+DUIDS = ("ast1", "ast2", "ast3")
+DEADLINE_S = 15.0  # only so a hung test ends: publishing takes well under a second
+
+
+@dataclass
+class Rig:
+    sims: list[SimAsterisk]
+    uases: list[SippUas]
+    kam: KamailioProcess
+    daemon: Daemon
+    workdir: Path
+
+    def counts(self) -> list[int]:
+        return [uas.invites() for uas in self.uases]
+
+
+def kamailio_config(
+    kam: KamailioProcess, uases: Sequence[SippUas], sims: Sequence[SimAsterisk], **changes: object
+) -> KamailioConfig:
+    config = KamailioConfig(
+        endpoints=(KamailioEndpoint("kam1", kam.url, str(kam.list_file)),),
+        sets=(KamailioSet(1, "trunks"),),
+        uris={sim.server_ip: uas.uri for sim, uas in zip(sims, uases, strict=True)},
+        poll_interval_s=0.1,
+        verify_interval_s=0.5,
+        rpc_timeout_s=1.0,
+        retry_initial_s=0.1,
+        retry_max_s=0.5,
+        max_reloads_per_minute=30,
+    )
+    return replace(config, **changes)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def rig(
+    database_url: DatabaseUrl,
+    sim_factory: object,
+    tmp_path: Path,
+    *,
+    max_trunks: Sequence[int] = (30, 30, 30),
+    extra_endpoints: Sequence[KamailioEndpoint] = (),
+    balance: bool = False,
+    **kamailio_changes: object,
+) -> AsyncIterator[Rig]:
+    sims = [await sim_factory(f"10.10.0.{i + 1}") for i in range(3)]  # type: ignore[operator]
+    conn = connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("DELETE FROM servers")
+        for sim, trunks in zip(sims, max_trunks, strict=True):
+            seed_server(conn, sim, max_trunks=trunks)
+    finally:
+        conn.close()
+    uases = [SippUas(tmp_path) for _ in sims]
+    kam = KamailioProcess(tmp_path)
+    try:
+        for uas in uases:
+            uas.start()
+        kam.start()
+        kconf = kamailio_config(kam, uases, sims, **kamailio_changes)
+        kconf = replace(kconf, endpoints=kconf.endpoints + tuple(extra_endpoints))
+        config = make_config(database_url, kamailio=kconf)
+        if balance:
+            config = replace(config, balance=BalanceConfig(enabled=True, cycle_interval_s=0.2))
+        daemon = Daemon(config)
+        async with running(daemon):
+            yield Rig(sims, uases, kam, daemon, tmp_path)
+    finally:
+        kam.stop()
+        for uas in uases:
+            uas.stop()
+
+
+async def until(check: object, what: str, timeout: float = DEADLINE_S) -> float:
+    """Poll ``check()`` (sync, may raise while Kamailio restarts) until true; seconds taken."""
+    start = time.monotonic()
+    last: object = None
+    while True:
+        try:
+            if check():  # type: ignore[operator]
+                return time.monotonic() - start
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            last = exc
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not within {timeout}s (last error {last})")
+        await asyncio.sleep(0.02)
+
+
+def flags_are(kam: KamailioProcess, **expected: str) -> bool:
+    flags = flags_by_duid(kam.url)
+    return all(flags.get(duid) == value for duid, value in expected.items())
+
+
+async def settled(r: Rig, weights: dict[str, int] | None = None) -> None:
+    await until(lambda: flags_are(r.kam, ast1="AP", ast2="AP", ast3="AP"), "all active")
+    if weights is not None:
+        await until(lambda: weights_by_duid(r.kam.url) == weights, f"weights {weights}")
+
+
+async def test_server_down_gets_no_new_invite_after_the_balancer_marks_it(
+    database_url: DatabaseUrl, sim_factory: object, tmp_path: Path
+) -> None:
+    async with rig(database_url, sim_factory, tmp_path) as r:
+        await settled(r)
+        await run_uac(r.kam, 150)
+        before = r.counts()
+        assert all(n > 0 for n in before), before
+
+        # Killed AMI: the session closes, the server is DOWN at once.
+        await r.sims[1].stop()
+        await until(lambda: flags_are(r.kam, ast2="IX"), "ast2 inactive after its AMI died")
+        # Its SIP side still answers OPTIONS, and the flag carries no probing bit: the balancer
+        # took it out (Kamailio's probing would neither have found it nor cleared its P).
+        assert r.uases[1].process is not None and r.uases[1].process.poll() is None
+        await asyncio.sleep(0.3)  # let SIPp's trace catch up with anything in flight
+        marked = r.counts()
+        await run_uac(r.kam, 300)
+        after = r.counts()
+        assert after[1] == marked[1], f"ast2 got INVITEs after it was marked: {marked} -> {after}"
+        assert after[0] + after[2] - marked[0] - marked[2] == 300
+
+        # Hung AMI (connected, silent): DOWN after the missed heartbeats, then out.
+        r.sims[2].set_unresponsive(True)
+        await until(lambda: flags_are(r.kam, ast3="IX"), "ast3 inactive after its AMI hung")
+        await asyncio.sleep(0.3)
+        marked = r.counts()
+        await run_uac(r.kam, 100)
+        after = r.counts()
+        assert after[1:] == marked[1:], f"a DOWN server got INVITEs: {marked} -> {after}"
+        assert after[0] - marked[0] == 100
+
+        # It answers again: UP, active, and INVITEs reach it again.
+        r.sims[2].set_unresponsive(False)
+        await until(lambda: flags_are(r.kam, ast3="AP"), "ast3 active again once UP")
+        back = r.counts()
+        await run_uac(r.kam, 100)
+        assert r.counts()[2] > back[2]
+
+
+async def test_invites_follow_spare_capacity_shares(
+    database_url: DatabaseUrl, sim_factory: object, tmp_path: Path
+) -> None:
+    async with rig(database_url, sim_factory, tmp_path, max_trunks=(50, 40, 30)) as r:
+        for _ in range(10):
+            r.sims[0].add_trunk_channel("alpha")
+            r.sims[1].add_trunk_channel("alpha")
+        # spare 40 / 30 / 30 -> shares 40 % / 30 % / 30 %
+        await settled(r, {"ast1": 40, "ast2": 30, "ast3": 30})
+        start = r.counts()
+        await run_uac(r.kam, 1000, rate=250)
+        await asyncio.sleep(0.3)
+        got = [n - s for n, s in zip(r.counts(), start, strict=True)]
+        assert sum(got) == 1000, got
+        for received, share in zip(got, (400, 300, 300), strict=True):
+            assert abs(received - share) <= share * 0.10, f"{got} vs 400/300/300 (±10 %)"
+
+        # Capacity moves: 20 more lines on ast1 -> spare 20/30/30 -> weights follow (a reload).
+        reloads = r.daemon.kamailio.publishers[0].stats.reloads  # type: ignore[union-attr]
+        for _ in range(20):
+            r.sims[0].add_trunk_channel("alpha")
+        await until(
+            lambda: weights_by_duid(r.kam.url) == {"ast1": 25, "ast2": 38, "ast3": 37},
+            "weights after ast1 filled up",
+        )
+        publisher = r.daemon.kamailio.publishers[0]  # type: ignore[union-attr]
+        assert publisher.stats.reloads > reloads
+
+        # Churn within the hysteresis (±1 line, < 5 points) reloads nothing.
+        reloads = publisher.stats.reloads
+        for _ in range(5):
+            uid = r.sims[1].add_trunk_channel("alpha")
+            await asyncio.sleep(0.15)
+            await r.sims[1].hangup(uid)
+            await asyncio.sleep(0.15)
+        assert publisher.stats.reloads == reloads
+
+        # Many big moves in a burst: reloads stay within the bound (30/min = one per 2 s).
+        started = time.monotonic()
+        uids = []
+        for _ in range(8):
+            uids += [r.sims[2].add_trunk_channel("alpha") for _ in range(3)]
+            await asyncio.sleep(0.2)
+        for uid in uids:
+            await r.sims[2].hangup(uid)
+        await asyncio.sleep(0.5)
+        elapsed = time.monotonic() - started
+        assert publisher.stats.reloads - reloads <= 1 + elapsed / 2.0
+        assert publisher.stats.reloads_deferred > 0
+
+
+async def test_drain_undrain_and_an_admin_disabled_destination(
+    database_url: DatabaseUrl, sim_factory: object, tmp_path: Path
+) -> None:
+    async with rig(database_url, sim_factory, tmp_path) as r:
+        await settled(r)
+        store = r.daemon.store
+
+        await store.set_drained("10.10.0.1", True)
+        await until(lambda: flags_are(r.kam, ast1="IX"), "ast1 inactive when drained")
+        await asyncio.sleep(0.3)
+        drained = r.counts()
+        await run_uac(r.kam, 100)
+        assert r.counts()[0] == drained[0], "a drained server got INVITEs"
+
+        await store.set_drained("10.10.0.1", False)
+        await until(lambda: flags_are(r.kam, ast1="AP"), "ast1 active when undrained")
+        back = r.counts()
+        await run_uac(r.kam, 150)
+        assert r.counts()[0] - back[0] >= 30, "an undrained server got (almost) no INVITEs"
+
+        # An admin disables ast2 by hand: it stays disabled through drains, health changes,
+        # verify passes and reloads (weights moved by new trunk lines).
+        rpc(r.kam.url, "dispatcher.set_state", "d", 1, r.uases[1].uri)
+        await store.set_drained("10.10.0.2", True)
+        await asyncio.sleep(0.6)
+        await store.set_drained("10.10.0.2", False)
+        reloads = r.daemon.kamailio.publishers[0].stats.reloads  # type: ignore[union-attr]
+        for _ in range(15):
+            r.sims[0].add_trunk_channel("alpha")
+        await until(
+            lambda: r.daemon.kamailio.publishers[0].stats.reloads > reloads,  # type: ignore[union-attr]
+            "a reload after ast1's capacity moved",
+        )
+        await asyncio.sleep(1.0)  # two verify passes
+        assert flags_by_duid(r.kam.url)["ast2"] == "DX"
+        assert " 4 0 duid=ast2;" in r.kam.list_file.read_text()
+        disabled = r.counts()
+        await run_uac(r.kam, 100)
+        assert r.counts()[1] == disabled[1], "an admin-disabled destination got INVITEs"
+
+        # Re-enabled by hand: the balancer manages it again.
+        rpc(r.kam.url, "dispatcher.set_state", "ap", 1, r.uases[1].uri)
+        await store.set_drained("10.10.0.2", True)
+        await until(lambda: flags_are(r.kam, ast2="IX"), "ast2 managed again after re-enabling")
+
+
+async def test_kamailio_restart_and_outage_restore_the_desired_state(
+    database_url: DatabaseUrl, sim_factory: object, tmp_path: Path
+) -> None:
+    # A second endpoint that accepts connections and never answers: the HA partner is hung.
+    hung_clients: list[asyncio.StreamWriter] = []
+
+    async def swallow(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hung_clients.append(writer)
+
+    hung = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    hung_port = hung.sockets[0].getsockname()[1]
+    hung_endpoint = KamailioEndpoint(
+        "kam-hung", f"http://127.0.0.1:{hung_port}/RPC", str(tmp_path / "hung.list")
+    )
+    try:
+        async with rig(
+            database_url, sim_factory, tmp_path, extra_endpoints=(hung_endpoint,), balance=True
+        ) as r:
+            sync = r.daemon.kamailio
+            assert sync is not None
+            live, stuck = sync.publishers
+            await settled(r)
+            await r.sims[1].stop()
+            # The hung partner times out on every pass; the live one is not held up by it.
+            await until(lambda: flags_are(r.kam, ast2="IX"), "ast2 inactive beside a hung peer")
+            await until(lambda: stuck.stats.failures > 0, "the hung peer times out")
+            assert live.stats.failures == 0 and stuck.stats.last_ok_at is None
+
+            # Restart: Kamailio loads the file the balancer wrote: ast2 is inactive at once.
+            r.kam.restart()
+            assert flags_by_duid(r.kam.url)["ast2"] == "IX"
+            await until(lambda: flags_are(r.kam, ast1="AP", ast2="IX", ast3="AP"), "after restart")
+            await until(lambda: live.stats.restarts_seen >= 1, "restart noticed")
+
+            # Outage: Kamailio gone; the daemon keeps balancing and tracking.
+            r.kam.stop()
+            cycles = r.daemon.cycle.cycles  # type: ignore[union-attr]
+            await r.daemon.store.set_drained("10.10.0.3", True)
+            await until(lambda: live.stats.failures >= 2, "publishing fails while it is down")
+            await until(lambda: r.daemon.cycle.cycles > cycles + 2, "balance cycles go on")  # type: ignore[union-attr]
+            state = await r.daemon.store.server("10.10.0.3")
+            assert state is not None and state.drained
+            # The file still follows the desired state while nobody can load it.
+            await until(lambda: " 1 0 duid=ast3;" in r.kam.list_file.read_text(), "file current")
+
+            # It comes back with no list at all (a new box): the first publish restores all.
+            r.kam.list_file.write_text("")
+            r.kam.start()
+            await until(
+                lambda: flags_are(r.kam, ast1="AP", ast2="IX", ast3="IX"), "restored after outage"
+            )
+            assert weights_by_duid(r.kam.url) == {"ast1": 34, "ast2": 33, "ast3": 33}
+            start = r.counts()
+            await run_uac(r.kam, 60)
+            got = [n - s for n, s in zip(r.counts(), start, strict=True)]
+            assert got[0] == 60 and got[1:] == [0, 0], got
+    finally:
+        for writer in hung_clients:
+            writer.close()
+        hung.close()
+        await hung.wait_closed()
