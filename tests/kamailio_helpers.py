@@ -20,9 +20,19 @@ import socket
 import subprocess
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from tracking_helpers import make_config, running, seed_server
+
+from balancer.config import BalanceConfig, KamailioConfig, KamailioEndpoint, KamailioSet
+from balancer.daemon import Daemon
+from balancer.db.connection import connect
+from balancer.db.url import DatabaseUrl
+from balancer.sim.server import SimAsterisk
 
 ROOT = Path(__file__).resolve().parents[1]
 KAMAILIO_CFG = ROOT / "config" / "kamailio.cfg"
@@ -277,3 +287,105 @@ async def run_uac(
     summary = out.read_text(errors="replace")
     assert code == 0, f"sipp uac exited {code} (some calls failed):\n{summary[-3000:]}"
     return summary
+
+
+# --------------------------------------------------------------------------- a rig
+
+DUIDS = ("ast1", "ast2", "ast3")
+DEADLINE_S = 15.0  # only so a hung test ends: publishing takes well under a second
+
+
+@dataclass
+class Rig:
+    sims: list[SimAsterisk]
+    uases: list[SippUas]
+    kam: KamailioProcess
+    daemon: Daemon
+    workdir: Path
+
+    def counts(self) -> list[int]:
+        return [uas.invites() for uas in self.uases]
+
+
+def kamailio_config(
+    kam: KamailioProcess, uases: Sequence[SippUas], sims: Sequence[SimAsterisk], **changes: object
+) -> KamailioConfig:
+    config = KamailioConfig(
+        endpoints=(KamailioEndpoint("kam1", kam.url, str(kam.list_file)),),
+        sets=(KamailioSet(1, "trunks"),),
+        uris={sim.server_ip: uas.uri for sim, uas in zip(sims, uases, strict=True)},
+        poll_interval_s=0.1,
+        verify_interval_s=0.5,
+        rpc_timeout_s=1.0,
+        retry_initial_s=0.1,
+        retry_max_s=0.5,
+        max_reloads_per_minute=30,
+    )
+    return replace(config, **changes)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def rig(
+    database_url: DatabaseUrl,
+    sim_factory: object,
+    tmp_path: Path,
+    *,
+    max_trunks: Sequence[int] = (30, 30, 30),
+    extra_endpoints: Sequence[KamailioEndpoint] = (),
+    balance: bool = False,
+    redis_url: str = "memory://",
+    **kamailio_changes: object,
+) -> AsyncIterator[Rig]:
+    sims = [await sim_factory(f"10.10.0.{i + 1}") for i in range(3)]  # type: ignore[operator]
+    conn = connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("DELETE FROM servers")
+        for sim, trunks in zip(sims, max_trunks, strict=True):
+            seed_server(conn, sim, max_trunks=trunks)
+    finally:
+        conn.close()
+    uases = [SippUas(tmp_path) for _ in sims]
+    kam = KamailioProcess(tmp_path)
+    try:
+        for uas in uases:
+            uas.start()
+        kam.start()
+        kconf = kamailio_config(kam, uases, sims, **kamailio_changes)
+        kconf = replace(kconf, endpoints=kconf.endpoints + tuple(extra_endpoints))
+        config = make_config(database_url, redis_url, kamailio=kconf)
+        if balance:
+            config = replace(config, balance=BalanceConfig(enabled=True, cycle_interval_s=0.2))
+        daemon = Daemon(config)
+        async with running(daemon):
+            yield Rig(sims, uases, kam, daemon, tmp_path)
+    finally:
+        kam.stop()
+        for uas in uases:
+            uas.stop()
+
+
+async def until(check: Callable[[], object], what: str, timeout: float = DEADLINE_S) -> float:
+    """Poll ``check()`` (sync, may raise while Kamailio restarts) until true; seconds taken."""
+    start = time.monotonic()
+    last: object = None
+    while True:
+        try:
+            if check():
+                return time.monotonic() - start
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            last = exc
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not within {timeout}s (last error {last})")
+        await asyncio.sleep(0.02)
+
+
+def flags_are(kam: KamailioProcess, **expected: str) -> bool:
+    flags = flags_by_duid(kam.url)
+    return all(flags.get(duid) == value for duid, value in expected.items())
+
+
+async def settled(r: Rig, weights: dict[str, int] | None = None) -> None:
+    await until(lambda: flags_are(r.kam, ast1="AP", ast2="AP", ast3="AP"), "all active")
+    if weights is not None:
+        await until(lambda: weights_by_duid(r.kam.url) == weights, f"weights {weights}")

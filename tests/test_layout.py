@@ -28,6 +28,7 @@ PURE = (
     "balancer.agents.choice",
     "balancer.live.health",
     "balancer.live.registry",
+    "balancer.kamailio.model",
 )
 # Libraries that talk to the outside world; a pure module must not load any of them.
 IO_MODULES = (

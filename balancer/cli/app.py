@@ -13,6 +13,7 @@ from balancer import __version__
 from balancer.cli.agents import assign_phone_command, drain_command, undrain_command
 from balancer.cli.check import check_command
 from balancer.cli.common import AppContext
+from balancer.cli.kamailio import kamailio_command
 from balancer.cli.routes import routes_command
 from balancer.cli.run import rebalance, run
 from balancer.cli.schema import schema
@@ -47,6 +48,7 @@ for _command in (
     undrain_command,
     check_command,
     routes_command,
+    kamailio_command,
 ):
     main.add_command(_command)
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from balancer.config import KamailioConfig, KamailioEndpoint
 from balancer.errors import KamailioError
 from balancer.kamailio.model import (
     Desired,
@@ -37,6 +36,7 @@ from balancer.kamailio.model import (
     plan_pass,
 )
 from balancer.kamailio.rpc import KamailioFault, KamailioRpc
+from balancer.kamailio.settings import KamailioConfig, KamailioEndpoint
 
 log = logging.getLogger(__name__)
 

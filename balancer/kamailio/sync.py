@@ -25,16 +25,11 @@ from balancer.errors import BalancerError
 from balancer.kamailio.model import Desired, ServerView, SetSpec, build_desired
 from balancer.kamailio.publisher import EndpointPublisher, LagObserver
 from balancer.store.base import ChannelClass, ServerState, StateStore
-from balancer.store.keys import KAMAILIO_DOCUMENT
+from balancer.store.keys import kamailio_document
 
 log = logging.getLogger(__name__)
 
 DOCUMENT_VERSION = 1
-
-
-def document_name(daemon: str) -> str:
-    """The store document a daemon publishes its Kamailio state under."""
-    return f"{KAMAILIO_DOCUMENT}:{daemon}"
 
 
 def server_view(state: ServerState, config: Config) -> ServerView:
@@ -197,6 +192,6 @@ class KamailioSync:
         ttl = max(3.0, self.config.redis.state_ttl_s)
         try:
             text = json.dumps(self.document())
-            await self.store.put_document(document_name(self.name), text, ttl)
+            await self.store.put_document(kamailio_document(self.name), text, ttl)
         except BalancerError as exc:
             log.debug("kamailio: cannot publish the document: %s", exc)

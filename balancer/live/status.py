@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from balancer.store.base import ChannelClass, ServerState, StateStore
-from balancer.store.keys import BALANCE_SUMMARY
+from balancer.store.keys import BALANCE_SUMMARY, kamailio_document
 
 STATUS_VERSION = 1
 
@@ -70,6 +70,12 @@ async def build_status(store: StateStore, source: str, now: float | None = None)
         problems.append(f"stale state for {', '.join(stale)}")
     balance_text = await store.get_document(BALANCE_SUMMARY)
     balance = json.loads(balance_text) if balance_text else None
+    kamailio = await kamailio_endpoints(store, daemons)
+    warnings = [
+        f"kamailio {k['name']} ({k['url']}): unreachable: {k['last_error']}"
+        for k in kamailio
+        if k["publishing"] and k["reachable"] is False
+    ]
     return {
         "version": STATUS_VERSION,
         "balance": balance,
@@ -80,7 +86,33 @@ async def build_status(store: StateStore, source: str, now: float | None = None)
         "problems": problems,
         "servers": servers,
         "totals": totals,
+        "kamailio": kamailio,
+        "warnings": warnings,
     }
+
+
+async def kamailio_endpoints(store: StateStore, daemons: list[str]) -> list[dict[str, Any]]:
+    """Each Kamailio RPC endpoint as its publishing daemon last reported it ([kamailio])."""
+    out: list[dict[str, Any]] = []
+    for daemon in daemons:
+        text = await store.get_document(kamailio_document(daemon))
+        if not text:
+            continue
+        doc = json.loads(text)
+        for endpoint in doc.get("endpoints", []):
+            out.append(
+                {
+                    "daemon": daemon,
+                    "publishing": bool(doc.get("publishing")),
+                    "name": endpoint.get("name"),
+                    "url": endpoint.get("url"),
+                    "reachable": endpoint.get("reachable"),
+                    "last_publish_at": endpoint.get("last_publish_at"),
+                    "last_ok_at": endpoint.get("last_ok_at"),
+                    "last_error": endpoint.get("last_error"),
+                }
+            )
+    return out
 
 
 def _age(value: float | None) -> str:
@@ -143,9 +175,35 @@ def render_table(doc: dict[str, Any]) -> str:
     lines = columns(rows)
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
     lines.extend(_render_balance(doc.get("balance")))
-    for problem in doc["problems"]:
+    lines.extend(_render_kamailio(doc.get("kamailio") or [], doc["generated_at"]))
+    for problem in [*doc["problems"], *doc.get("warnings", [])]:
         lines.append(f"WARNING: {problem}")
     return "\n".join(lines)
+
+
+def _render_kamailio(endpoints: list[dict[str, Any]], now: float) -> list[str]:
+    """The Kamailio RPC endpoints the daemons publish to (nothing without [kamailio])."""
+    if not endpoints:
+        return []
+    rows: list[tuple[str, ...]] = [("KAMAILIO", "RPC ENDPOINT", "STATE", "LAST CHANGE", "DAEMON")]
+    for k in endpoints:
+        if not k["publishing"]:
+            state = "standby"
+        elif k["reachable"] is None:
+            state = "not tried yet"
+        else:
+            state = "ok" if k["reachable"] else "UNREACHABLE"
+        at = k["last_publish_at"]
+        rows.append(
+            (
+                str(k["name"]),
+                str(k["url"]),
+                state,
+                "-" if not at else f"{max(0.0, now - at):.1f}s ago",
+                str(k["daemon"]),
+            )
+        )
+    return ["", *columns(rows)]
 
 
 def _render_balance(balance: dict[str, Any] | None) -> list[str]:

@@ -1,4 +1,5 @@
-"""`vici-balancer check`: is this host ready to run the balancer? Database, state store, every AMI.
+"""`vici-balancer check`: is this host ready to run the balancer? Database, state store, every AMI,
+every Kamailio RPC endpoint.
 
 Each check is an async function returning CheckResult(name, ok, detail); `run_checks` runs them
 all (MySQL and Redis side by side, then every server's AMI login at once) and returns them in a
@@ -28,7 +29,10 @@ from balancer.db.engines import FENCE_TABLE, WritePath, write_path
 from balancer.db.fence import LeaseRow
 from balancer.db.fence import read as read_lease
 from balancer.db.url import DatabaseUrl
-from balancer.errors import AmiProtocolError, BalancerError
+from balancer.errors import AmiProtocolError, BalancerError, KamailioError
+from balancer.kamailio.model import parse_list
+from balancer.kamailio.rpc import KamailioRpc
+from balancer.kamailio.settings import KamailioConfig, KamailioEndpoint
 from balancer.live.registry import RowProblem, resolve
 from balancer.store.factory import open_store
 
@@ -339,10 +343,54 @@ async def check_ami(config: Config, rows: list[records.ServerRow] | None) -> lis
     return list(await asyncio.gather(*(one(row) for row in active)))
 
 
+# --------------------------------------------------------------------------- Kamailio
+
+
+def _kamailio_probe(endpoint: KamailioEndpoint, config: KamailioConfig) -> CheckResult:
+    """The endpoint answers dispatcher.list, and the list file can be written (worker thread)."""
+    target = f"{endpoint.name}  {endpoint.url}"
+    rpc = KamailioRpc(endpoint.url, config.rpc_timeout_s)
+    try:
+        version = rpc.call("core.version")
+        listed = parse_list(rpc.list())
+    except (KamailioError, ValueError) as exc:
+        return CheckResult("kamailio", False, f"{target}: {exc}")
+    folder = os.path.dirname(endpoint.list_file) or "."
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        return CheckResult(
+            "kamailio",
+            False,
+            f"{target}: reachable, but the balancer cannot write {endpoint.list_file} "
+            f"(kamailio.endpoints.list_file; the folder must exist and be writable)",
+        )
+    sets = {key[0] for key in listed}
+    managed = sorted(s.id for s in config.sets)
+    missing = [str(s) for s in managed if s not in sets]
+    loaded = f"{len(listed)} destination{'' if len(listed) == 1 else 's'} in {len(sets)} set(s)"
+    note = f"; set(s) {', '.join(missing)} not loaded yet" if missing else ""
+    return CheckResult(
+        "kamailio", True, f"{target} ({str(version).strip()}, {loaded}{note}; list_file writable)"
+    )
+
+
+async def check_kamailio(config: Config) -> list[CheckResult]:
+    """One result per [kamailio] endpoint (none without the section), all probed at once."""
+    kamailio = config.kamailio
+    if kamailio is None:
+        return []
+    return list(
+        await asyncio.gather(
+            *(asyncio.to_thread(_kamailio_probe, e, kamailio) for e in kamailio.endpoints)
+        )
+    )
+
+
 # --------------------------------------------------------------------------- all
 
 
 async def run_checks(config: Config) -> list[CheckResult]:
-    """Every check, in the order printed: config, mysql, redis, then ami per server."""
-    (mysql, rows), redis = await asyncio.gather(check_mysql(config), check_redis(config))
-    return [check_config(config), mysql, redis, *await check_ami(config, rows)]
+    """Every check, in the order printed: config, mysql, redis, ami per server, kamailio."""
+    (mysql, rows), redis, kamailio = await asyncio.gather(
+        check_mysql(config), check_redis(config), check_kamailio(config)
+    )
+    return [check_config(config), mysql, redis, *await check_ami(config, rows), *kamailio]

@@ -27,6 +27,11 @@ ROUTES_DOCUMENT = "routes"
 KAMAILIO_DOCUMENT = "kamailio"
 
 
+def kamailio_document(daemon: str) -> str:
+    """The document name a daemon publishes its Kamailio state under."""
+    return f"{KAMAILIO_DOCUMENT}:{daemon}"
+
+
 class Keys:
     """Key names for one key prefix."""
 
