@@ -335,3 +335,16 @@ def test_kamailio_config_errors_name_the_key(changes: dict[str, Any], key: str) 
     with pytest.raises(ConfigError) as caught:
         load(kamailio_section(**changes))
     assert str(caught.value).startswith(key), str(caught.value)
+
+
+def test_the_example_config_documents_a_valid_kamailio_section() -> None:
+    import tomllib
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "config/vici-balancer.example.toml").read_text()
+    block = text.split("# ---- [kamailio]")[1].split("# ---- end [kamailio]")[0]
+    lines = [line[2:] for line in block.splitlines() if line.startswith("# ")]
+    section = tomllib.loads("\n".join(line.split("##")[0] for line in lines))["kamailio"]
+    config = load(section)
+    assert config.endpoints[0].name == "kam1" and config.sets[0].capacity == "trunks"
+    assert config.uri("10.10.0.1") == "sip:10.10.0.1:5080"
