@@ -80,7 +80,7 @@ async def test_invites_follow_spare_capacity_shares(
         # spare 40 / 30 / 30 -> shares 40 % / 30 % / 30 %
         await settled(r, {"ast1": 40, "ast2": 30, "ast3": 30})
         start = r.counts()
-        await run_uac(r.kam, 1000, rate=250)
+        await run_uac(r.kam, 1000, rate=200)
         await asyncio.sleep(0.3)
         got = [n - s for n, s in zip(r.counts(), start, strict=True)]
         assert sum(got) == 1000, got
