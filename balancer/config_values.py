@@ -132,6 +132,16 @@ def parse_host_port(key: str, value: Any) -> HostPort:
     return HostPort(host, int(port_text))
 
 
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback IP literals (what tests may ever connect to)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def is_ipv4(text: str) -> bool:
     """True for a dotted-quad IPv4 address (VICIdial's server_ip form)."""
     try:

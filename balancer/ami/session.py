@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import random
@@ -31,6 +30,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from balancer.ami.codec import MessageReader
 from balancer.ami.endpoint import AmiEndpoint
 from balancer.config import AmiConfig, HealthConfig
+from balancer.config_values import is_loopback
 from balancer.errors import AmiError, AmiProtocolError
 from balancer.store.base import Health
 
@@ -55,16 +55,6 @@ class SessionListener(Protocol):
 
     def on_rtt(self, server_ip: str, rtt_ms: float) -> None:
         """A heartbeat round trip completed."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback IP literals."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Protocol(AMIProtocol):  # type: ignore[misc]

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from balancer.config_values import is_loopback
+
 # Dispatcher list-file flag bits (dispatcher README, "Destination List File").
 FLAG_INACTIVE = 1
 FLAG_TRYING = 2
@@ -132,16 +134,6 @@ def uri_host(uri: str) -> str:
     return rest.split(":", 1)[0]
 
 
-def is_loopback_host(host: str) -> bool:
-    """True for localhost and loopback IP literals."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def build_desired(
     views: Iterable[ServerView],
     sets: Sequence[SetSpec],
@@ -166,7 +158,7 @@ def build_desired(
             if not valid_duid(view.server_id):
                 skipped.append(f"{view.server_ip}: server_id {view.server_id!r} is no usable duid")
                 continue
-            if loopback_only and not is_loopback_host(uri_host(uri)):
+            if loopback_only and not is_loopback(uri_host(uri)):
                 skipped.append(f"{view.server_ip}: {uri} is not on loopback")
                 continue
             prev = before.get((spec.id, view.server_id))

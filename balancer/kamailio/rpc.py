@@ -16,8 +16,8 @@ import urllib.request
 from typing import Any
 
 from balancer.ami.session import LOOPBACK_ONLY_ENV
+from balancer.config_values import is_loopback
 from balancer.errors import KamailioError
-from balancer.kamailio.model import is_loopback_host
 
 
 class KamailioFault(KamailioError):
@@ -40,7 +40,7 @@ class KamailioRpc:
 
     def call(self, method: str, *params: object) -> Any:
         """The command's result; KamailioFault when it answers an error, KamailioError else."""
-        if os.environ.get(LOOPBACK_ONLY_ENV) and not is_loopback_host(self.host):
+        if os.environ.get(LOOPBACK_ONLY_ENV) and not is_loopback(self.host):
             raise KamailioError(
                 f"{self.url}: refusing non-loopback {self.host} ({LOOPBACK_ONLY_ENV})"
             )

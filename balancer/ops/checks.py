@@ -21,8 +21,9 @@ import pymysql
 
 from balancer.ami.codec import Message, MessageReader, encode
 from balancer.ami.endpoint import AmiEndpoint
-from balancer.ami.session import LOOPBACK_ONLY_ENV, is_loopback
+from balancer.ami.session import LOOPBACK_ONLY_ENV
 from balancer.config import AmiConfig, Config
+from balancer.config_values import is_loopback
 from balancer.db import queries, records, schema
 from balancer.db.connection import connect
 from balancer.db.engines import FENCE_TABLE, WritePath, write_path

@@ -6,7 +6,8 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
-from balancer.sim.model import SimCarrier, is_loopback
+from balancer.config_values import is_loopback
+from balancer.sim.model import SimCarrier
 from balancer.sim.server import SimAsterisk
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections.abc import Coroutine, Iterable
@@ -50,16 +49,6 @@ def dial_status(cause: int) -> str:
     return {17: "BUSY", 19: "NOANSWER", 34: "CONGESTION", 42: "CONGESTION"}.get(
         cause, "CHANUNAVAIL"
     )
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost: the only addresses a simulator may listen on."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass

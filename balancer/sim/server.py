@@ -13,6 +13,7 @@ import enum
 import time
 from collections.abc import Sequence
 
+from balancer.config_values import is_loopback
 from balancer.sim.calls import CallEngine
 from balancer.sim.manager import ManagerInterface
 from balancer.sim.model import (
@@ -21,7 +22,6 @@ from balancer.sim.model import (
     SimCarrier,
     SimChannel,
     TaskSet,
-    is_loopback,
 )
 
 GARBAGE = b"\x16\x03\x01 this is not AMI\r\n<html>nope</html>\r\n\r\n"
