@@ -134,7 +134,8 @@ class EndpointPublisher:
             probing=self.config.probing,
             hysteresis=self.config.weight_hysteresis,
         )
-        return bool(probe.states) or probe.reload_reason is not None
+        deferred = self._reload_at is not None and self._reload_at > self.clock()
+        return bool(probe.states) or (probe.reload_reason is not None and not deferred)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until ``stop``; never raises (failures are counted, logged and retried)."""
@@ -147,15 +148,19 @@ class EndpointPublisher:
                 if self._reload_at is not None:
                     due.append(self._reload_at)
                 wait_s = max(0.0, min(due) - now)
+                waits: set[asyncio.Future[Any]] = {stopping}
                 if self._failures_in_row:
+                    # Backing off: only the retry time wakes it (it carries the newest state).
                     wait_s = max(0.0, self._retry_at - now)
-                woken = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait({woken, stopping}, timeout=wait_s, return_when="FIRST_COMPLETED")
-                woken.cancel()
+                else:
+                    waits.add(asyncio.ensure_future(self._wake.wait()))
+                await asyncio.wait(waits, timeout=wait_s, return_when="FIRST_COMPLETED")
+                for waiter in waits - {stopping}:
+                    waiter.cancel()
                 if stop.is_set():
                     break
                 if self._failures_in_row and self.clock() < self._retry_at:
-                    continue  # backing off: the retry carries the newest desired state
+                    continue
                 self._wake.clear()
                 desired = self._desired
                 if desired is None or self._paused:
