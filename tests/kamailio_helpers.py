@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tracking_helpers import make_config, running, seed_server
+from tracking_helpers import make_config, running, seed_phones, seed_server
 
 from balancer.config import BalanceConfig, KamailioConfig, KamailioEndpoint, KamailioSet
 from balancer.daemon import Daemon
@@ -358,8 +358,12 @@ async def rig(
     extra_endpoints: Sequence[KamailioEndpoint] = (),
     balance: bool = False,
     redis_url: str = "memory://",
+    kamailio_defines: dict[str, str] | None = None,
+    config_changes: dict[str, Any] | None = None,
     **kamailio_changes: object,
 ) -> AsyncIterator[Rig]:
+    """Three servers (AMI: simulated, SIP: a SIPp UAS each; phones 101-105 on every one), a
+    Kamailio with the shipped config, and a daemon publishing to it, for the block's duration."""
     sims = [await sim_factory(f"10.10.0.{i + 1}") for i in range(3)]  # type: ignore[operator]
     conn = connect(database_url)
     try:
@@ -367,17 +371,18 @@ async def rig(
             cur.execute("DELETE FROM servers")
         for sim, trunks in zip(sims, max_trunks, strict=True):
             seed_server(conn, sim, max_trunks=trunks)
+            seed_phones(conn, sim.server_ip, [str(ext) for ext in range(101, 106)])
     finally:
         conn.close()
     uases = [SippUas(tmp_path) for _ in sims]
-    kam = KamailioProcess(tmp_path)
+    kam = KamailioProcess(tmp_path, defines=dict(kamailio_defines or {}))
     try:
         for uas in uases:
             uas.start()
         kam.start()
         kconf = kamailio_config(kam, uases, sims, **kamailio_changes)
         kconf = replace(kconf, endpoints=kconf.endpoints + tuple(extra_endpoints))
-        config = make_config(database_url, redis_url, kamailio=kconf)
+        config = make_config(database_url, redis_url, kamailio=kconf, **(config_changes or {}))
         if balance:
             config = replace(config, balance=BalanceConfig(enabled=True, cycle_interval_s=0.2))
         daemon = Daemon(config)

@@ -24,7 +24,7 @@ from kamailio_helpers import (
     weights_by_duid,
 )
 
-from balancer.config import KamailioEndpoint
+from balancer.config import AgentsConfig, KamailioEndpoint, KamailioSet
 from balancer.db.url import DatabaseUrl
 
 pytestmark = pytest.mark.slow
@@ -119,6 +119,66 @@ async def test_invites_follow_spare_capacity_shares(
         elapsed = time.monotonic() - started
         assert publisher.stats.reloads - reloads <= 1 + elapsed / 2.0
         assert publisher.stats.reloads_deferred > 0
+
+
+async def test_weight_algorithm_9_and_an_agent_facing_set(
+    database_url: DatabaseUrl, sim_factory: object, tmp_path: Path
+) -> None:
+    sets = (KamailioSet(1, "trunks"), KamailioSet(2, "agents", ("10.10.0.1", "10.10.0.2")))
+    async with rig(
+        database_url,
+        sim_factory,
+        tmp_path,
+        max_trunks=(50, 40, 30),
+        kamailio_defines={"DS_ALG": "9"},
+        config_changes={"agents": AgentsConfig(default_capacity=10)},
+        algorithm=9,
+        sets=sets,
+    ) as r:
+        for _ in range(10):
+            r.sims[0].add_trunk_channel("alpha")
+            r.sims[1].add_trunk_channel("alpha")
+        for ext in ("101", "102", "103", "104"):
+            r.sims[0].add_agent_channel(ext)
+        r.sims[1].add_agent_channel("101")
+        await until(
+            lambda: weights_by_duid(r.kam.url, 1, "WEIGHT") == {"ast1": 40, "ast2": 30, "ast3": 30},
+            "set 1 weights by spare trunks",
+        )
+        # Set 2 faces agents: spare seats 6 and 9 of 10 -> 40 % / 60 %.
+        await until(
+            lambda: weights_by_duid(r.kam.url, 2, "WEIGHT") == {"ast1": 40, "ast2": 60},
+            "set 2 weights by spare agent seats",
+        )
+        assert flags_by_duid(r.kam.url, 2) == {"ast1": "AP", "ast2": "AP"}
+        start = r.counts()
+        await run_uac(r.kam, 300)
+        await asyncio.sleep(0.3)
+        got = [n - s for n, s in zip(r.counts(), start, strict=True)]
+        for received, share in zip(got, (120, 90, 90), strict=True):
+            assert abs(received - share) <= share * 0.10, f"{got} vs 120/90/90 (±10 %)"
+
+        # Algorithm 9 gives an inactive destination's slots to its neighbour: the weights are
+        # spread over the active ones again (a reload), in every set the server is in.
+        await r.sims[2].stop()
+        await until(
+            lambda: weights_by_duid(r.kam.url, 1, "WEIGHT") == {"ast1": 57, "ast2": 43, "ast3": 0},
+            "weights over the active destinations",
+        )
+        assert flags_by_duid(r.kam.url)["ast3"] == "IX"
+        print(
+            "DEBUG",
+            flags_by_duid(r.kam.url),
+            weights_by_duid(r.kam.url, 1, "WEIGHT"),
+            r.kam.list_file.read_text(),
+        )
+        start = r.counts()
+        await run_uac(r.kam, 200)
+        await asyncio.sleep(0.3)
+        got = [n - s for n, s in zip(r.counts(), start, strict=True)]
+        assert got[2] == 0, got
+        for received, share in zip(got[:2], (114, 86), strict=True):
+            assert abs(received - share) <= share * 0.10, f"{got} vs 114/86 (±10 %)"
 
 
 async def test_drain_undrain_and_an_admin_disabled_destination(

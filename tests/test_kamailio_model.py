@@ -348,3 +348,27 @@ def test_the_example_config_documents_a_valid_kamailio_section() -> None:
     config = load(section)
     assert config.endpoints[0].name == "kam1" and config.sets[0].capacity == "trunks"
     assert config.uri("10.10.0.1") == "sip:10.10.0.1:5080"
+
+
+def test_weights_are_shared_out_per_set() -> None:
+    views = [view(1, trunk_lines=10, agent_lines=4), view(2, agent_lines=1)]
+    sets = [SetSpec(1, "trunks"), SetSpec(2, "agents")]
+    d = build_desired(views, sets, URIS, None, 0.0)
+    p = plan(d, {})
+    assert p.weights == {(1, "ast1"): 40, (1, "ast2"): 60, (2, "ast1"): 49, (2, "ast2"): 51}
+
+
+def test_zero_weights_are_written_first_for_algorithm_9() -> None:
+    d = desired(view(1), view(2), view(3, "down"))
+    lines = plan(d, {}, algorithm=9).file_text.splitlines()[-3:]
+    # Kamailio reverses a set's lines and needs a non-zero weight on the last one.
+    assert [line.split()[-1] for line in lines] == [
+        "duid=ast3;weight=0",
+        "duid=ast1;weight=50",
+        "duid=ast2;weight=50",
+    ]
+
+
+def test_rweight_never_leaves_the_active_destinations_all_zero() -> None:
+    d = desired(view(1, trunk_lines=30), view(2, trunk_lines=30), view(3, "down"))
+    assert list(weights_for(d.all(), 11).values()) == [1, 1, 100]

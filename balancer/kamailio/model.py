@@ -224,6 +224,11 @@ def weights_for(
     else:
         pool = [w for w in wanted if w.active and w.key not in excluded]
     values = dict(zip((w.key for w in pool), shares([w.spare for w in pool]), strict=True))
+    active = [w.key for w in pool if w.active]
+    if active and not any(values[key] for key in active):
+        # Kamailio sums rweights over the active destinations only and keeps a stale list when
+        # that sum is 0: every active one full while an inactive one has room. Share evenly.
+        values.update(dict.fromkeys(active, 1))
     return {w.key: values.get(w.key, 0) for w in wanted}
 
 
@@ -370,9 +375,18 @@ def plan_pass(
                 if w.active and told.get(w.key) is True and have.state in "IT" and have.probing:
                     verdicts[w.key] = have.state
     excluded = admin | (set(verdicts) if algorithm == 9 else set())
-    weights = weights_for(wanted, algorithm, excluded)
+    weights: dict[Key, int] = {}
+    for members in desired.sets.values():  # each set's shares add up on their own
+        weights.update(weights_for(members, algorithm, excluded))
     lines = [FILE_HEADER]
-    for w in wanted:
+    # Kamailio loads a set's lines in reverse, and algorithm 9 ignores every weight unless the
+    # last line's is non-zero (dispatch.c, dp_init_weights): zero weights go first.
+    ordered = [
+        w
+        for members in desired.sets.values()
+        for w in sorted(members, key=lambda w: weights[w.key] != 0)
+    ]
+    for w in ordered:
         if w.key in admin:
             flags = FLAG_DISABLED
         elif not w.active:
