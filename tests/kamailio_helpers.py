@@ -360,10 +360,12 @@ async def rig(
     redis_url: str = "memory://",
     kamailio_defines: dict[str, str] | None = None,
     config_changes: dict[str, Any] | None = None,
+    start: bool = True,
     **kamailio_changes: object,
 ) -> AsyncIterator[Rig]:
     """Three servers (AMI: simulated, SIP: a SIPp UAS each; phones 101-105 on every one), a
-    Kamailio with the shipped config, and a daemon publishing to it, for the block's duration."""
+    Kamailio with the shipped config, and a daemon publishing to it (running for the block's
+    duration unless ``start`` is false), for the block's duration."""
     sims = [await sim_factory(f"10.10.0.{i + 1}") for i in range(3)]  # type: ignore[operator]
     conn = connect(database_url)
     try:
@@ -386,6 +388,9 @@ async def rig(
         if balance:
             config = replace(config, balance=BalanceConfig(enabled=True, cycle_interval_s=0.2))
         daemon = Daemon(config)
+        if not start:  # the test runs the daemon itself
+            yield Rig(sims, uases, kam, daemon, tmp_path)
+            return
         async with running(daemon):
             yield Rig(sims, uases, kam, daemon, tmp_path)
     finally:

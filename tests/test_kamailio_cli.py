@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from kamailio_helpers import Rig, flags_are, free_port, rig, settled, until
+from tracking_helpers import running
 
 from balancer.cli.app import main
+from balancer.daemon import Daemon
 from balancer.db.url import DatabaseUrl
 from balancer.ops.metrics import render
 
@@ -135,3 +137,34 @@ async def test_kamailio_command_status_check_and_metrics(
         r.kam.stop()
         code, out = await invoke("--config", str(path), "kamailio", "--json")
         assert code == 1 and not json.loads(out)["endpoints"][0]["reachable"]
+
+
+async def test_only_the_leader_publishes_and_a_new_leader_takes_over(
+    database_url: DatabaseUrl, sim_factory: object, tmp_path: Path, redis_db: str
+) -> None:
+    async with rig(
+        database_url, sim_factory, tmp_path, redis_url=redis_db, balance=True, start=False
+    ) as r:
+        leader = r.daemon
+        standby = Daemon(leader.config)
+        leading = running(leader)
+        await leading.__aenter__()
+        try:
+            await until(lambda: leader.leadership.leading, "the first daemon leads")
+            async with running(standby):
+                await settled(r)
+                await asyncio.sleep(1.0)  # a few of the standby's ticks
+                assert standby.kamailio is not None
+                publisher = standby.kamailio.publishers[0]
+                assert publisher.stats.passes == 0, "a standby published (publish = 'leader')"
+                assert standby.kamailio.document()["publishing"] is False
+
+                await leading.__aexit__(None, None, None)  # the leader stops, releasing the lease
+                leading = None  # type: ignore[assignment]
+                await until(lambda: standby.leadership.leading, "the standby takes over")
+                await standby.store.set_drained("10.10.0.1", True)
+                await until(lambda: flags_are(r.kam, ast1="IX"), "the new leader publishes")
+                assert publisher.stats.passes > 0
+        finally:
+            if leading is not None:
+                await leading.__aexit__(None, None, None)
