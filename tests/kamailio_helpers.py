@@ -371,6 +371,7 @@ async def rig(
     try:
         with conn.cursor() as cur:
             cur.execute("DELETE FROM servers")
+            cur.execute("DELETE FROM phones")
         for sim, trunks in zip(sims, max_trunks, strict=True):
             seed_server(conn, sim, max_trunks=trunks)
             seed_phones(conn, sim.server_ip, [str(ext) for ext in range(101, 106)])
