@@ -109,6 +109,8 @@ class BalanceConfig:
     live_agent_max_age_s: float = 0.0  # 0: VICIdial's behaviour, any live agent row counts
     count_remote_agents: bool = True  # VICIdial counts them for the live-agent rule
     lock_ttl_s: float = 5.0
+    # This host's own server_ip, which VICIdial writes in each VDACnote ('' -> the target's)
+    host_server_ip: str = ""
 
 
 @dataclass(frozen=True)
@@ -268,7 +270,14 @@ def _health(section: _Section) -> HealthConfig:
     return config
 
 
-def _balance(section: _Section) -> BalanceConfig:
+def _host_ip(key: str, value: Any) -> str:
+    text = _string(key, value).strip()
+    if text and not is_ipv4(text):
+        raise ConfigError(f"{key}: expected this host's server_ip (IPv4), got {text!r}")
+    return text
+
+
+def _balance(section: _Section, host_server_ip: str) -> BalanceConfig:
     config = BalanceConfig(
         enabled=section.get("enabled", True, _bool),
         mode=section.get("mode", "live", _choice("live", "faithful")),
@@ -278,6 +287,7 @@ def _balance(section: _Section) -> BalanceConfig:
         live_agent_max_age_s=section.get("live_agent_max_age_s", 0.0, _nonneg_float),
         count_remote_agents=section.get("count_remote_agents", True, _bool),
         lock_ttl_s=section.get("lock_ttl_s", 5.0, _positive_float),
+        host_server_ip=section.get("host_server_ip", host_server_ip, _host_ip),
     )
     section.done()
     return config
@@ -477,6 +487,11 @@ def config_from_dict(
     """Build and validate a Config from parsed TOML data plus the environment."""
     env = os.environ if env is None else env
     root = _Section("", dict(data))
+    conf_path = Path(
+        str(dict(data.get("database") or {}).get("astguiclient_conf", astguiclient_path))
+    )
+    # VICIdial's own notion of this host: its VARserver_ip, unless the config names another.
+    host_ip = (read_astguiclient(conf_path).server_ip or "") if conf_path.is_file() else ""
     database = _database(root.table("database"), env, astguiclient_path)
 
     redis_section = root.table("redis")
@@ -508,7 +523,7 @@ def config_from_dict(
         redis=redis,
         ami=_ami(root.table("ami"), env),
         health=_health(root.table("health")),
-        balance=_balance(root.table("balance")),
+        balance=_balance(root.table("balance"), host_ip),
         agents=_agents(root.table("agents")),
         carriers=carriers,
         routes=root.get("routes", (), lambda _k, v: _routes(v, carriers)),

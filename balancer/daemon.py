@@ -114,6 +114,7 @@ class Daemon:
             None if self.last_cycle is None else self.last_cycle.snapshot
         )
         self.failover.alternates = self._retry_servers
+        self.failover.host_server_ip = config.balance.host_server_ip
         self.tracker.add_listener(self.carrier_health)
         self.tracker.add_listener(self.failover)
         self.cycle: BalanceCycle | None = None
@@ -138,6 +139,7 @@ class Daemon:
             fence=lambda: self.leadership.fence,
             on_fence_lost=self.leadership.lost,
             router=self.carrier_health,
+            host_server_ip=self.config.balance.host_server_ip,
         )
         self.cycle = BalanceCycle(self.config, self.store, self._balance_db, executor)
         log.info(
@@ -240,6 +242,8 @@ class Daemon:
             session.ami, session.health_config = new.ami, new.health
         if self.cycle is not None:
             self.cycle.config = new
+            self.cycle.executor.host_server_ip = new.balance.host_server_ip
+        self.failover.host_server_ip = new.balance.host_server_ip
         if self.keeper is not None:
             self.keeper.config = new
         self.leadership.ttl_s = new.balance.lock_ttl_s
@@ -493,7 +497,11 @@ async def rebalance_once(config: Config, *, dry_run: bool = False) -> CycleResul
         # running daemon the calls keep the campaign's dial prefix (that daemon routes its own).
         router = tracking.carrier_health if tracking is not None else None
         executor = Executor(
-            db, fence=lambda: leadership.fence, on_fence_lost=leadership.lost, router=router
+            db,
+            fence=lambda: leadership.fence,
+            on_fence_lost=leadership.lost,
+            router=router,
+            host_server_ip=config.balance.host_server_ip,
         )
         return await BalanceCycle(config, live_store, db, executor).run(dry_run=dry_run)
     finally:

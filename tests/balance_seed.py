@@ -203,6 +203,7 @@ async def run_plan(
     router: CallRouter | None = None,
     fence: LeaderFence | None = None,
     transactional: bool | None = None,
+    host_server_ip: str = "",
 ) -> ExecutionReport:
     """Run the real executor on ``plan`` against the test connection, under a lease."""
     held = fence or take_lease(db)
@@ -214,6 +215,7 @@ async def run_plan(
         dst=lambda _now: dst,
         router=router,
         transactional=transactional,
+        host_server_ip=host_server_ip,
     )
     return await executor.execute(plan, snap, "c1")
 

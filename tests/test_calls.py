@@ -152,7 +152,7 @@ def test_example_call_writes_exactly_what_vicidial_writes(db: Connection) -> Non
         "call_date": EXAMPLE_NOW,
         "phone_number": "3125550001",
         "phone_code": "1",
-        "state": "IL",
+        "state": "",  # VICIdial records the state only with 24-hour call limits on
         "call_type": "AUTO",
     }
     assert seed.one(db, "SELECT * FROM vicidial_lead_call_daily_counts") == {
@@ -169,7 +169,8 @@ def test_example_call_writes_exactly_what_vicidial_writes(db: Connection) -> Non
         "modify_date": EXAMPLE_NOW,
     }
     lead = lead_row(db)
-    assert (lead["status"], lead["user"], lead["called_count"]) == ("INCALL", "VDAD", 1)
+    # the lead's own status is left as it was: VICIdial's balance cycle changes only the hopper
+    assert (lead["status"], lead["user"], lead["called_count"]) == ("NEW", "VDAD", 1)
     assert lead["called_since_last_reset"] == "Y"
     assert lead["last_local_call_time"] == EXAMPLE_NOW  # server and lead both at -5.00
     assert seed.count(db, "vicidial_hopper") == 0
@@ -275,8 +276,22 @@ def test_dial_string(
         ),
         ("", "Y", "none", "0000000000", f'"{CODE}" <0000000000>', "0000000000", "CAMPAIGN_CID"),
         ("", "N", "", "1234567", f'"{CODE}" <1234567>', "1234567", "CAMPAIGN_CID"),
-        ("", "N", "", "123456", CODE, "123456", "CAMPAIGN_CID"),  # 6 chars: bare caller code
-        ("55555", "N", "", "0000000000", CODE, "55555", "LIST_CID"),
+        # VICIdial counts a candidate only when it is LONGER than 6 characters: a 6-character
+        # campaign CID, a short list override or a 5-digit custom phrase is passed over, and with
+        # none left the CID type and outbound_cid are empty and Callerid is the bare caller code
+        ("", "N", "", "123456", CODE, "", ""),
+        ("55555", "N", "", "0000000000", f'"{CODE}" <0000000000>', "0000000000", "CAMPAIGN_CID"),
+        (
+            "",
+            "Y",
+            "cid 55555",
+            "0000000000",
+            f'"{CODE}" <0000000000>',
+            "0000000000",
+            "CAMPAIGN_CID",
+        ),
+        ("123456", "Y", "12345", "12345", CODE, "", ""),
+        ("1234567", "Y", "3125557777", "0000000000", f'"{CODE}" <1234567>', "1234567", "LIST_CID"),
     ],
 )
 def test_caller_id(
@@ -301,7 +316,8 @@ def test_caller_id(
     assert row["cmd_line_k"].endswith(f"|{kind}")
     cid_log = seed.one(db, "SELECT outbound_cid, outbound_cid_type FROM vicidial_dial_cid_log")
     assert cid_log == {"outbound_cid": cid, "outbound_cid_type": kind}
-    assert seed.one(db, "SELECT outbound_cid FROM vicidial_dial_log")["outbound_cid"] == callerid
+    logged = seed.one(db, "SELECT outbound_cid FROM vicidial_dial_log")["outbound_cid"]
+    assert logged == (callerid if kind else "")
 
 
 @pytest.mark.parametrize(
@@ -386,7 +402,7 @@ def test_lead_update(db: Connection, before: str, after: str) -> None:
     assert place(db) is not None
     lead = lead_row(db)
     assert lead["called_since_last_reset"] == after
-    assert (lead["called_count"], lead["user"], lead["status"]) == (5, "VDAD", "INCALL")
+    assert (lead["called_count"], lead["user"], lead["status"]) == (5, "VDAD", "NEW")
 
 
 @pytest.mark.parametrize(
@@ -455,6 +471,46 @@ def test_daily_counts_increment(db: Connection) -> None:
     }
     assert seed.count(db, "vicidial_lead_24hour_calls", "lead_id = 100001") == 2
     assert lead_row(db)["called_count"] == 2
+
+
+def test_24_hour_calls_record_the_state_only_with_the_limit_on(db: Connection) -> None:
+    seed.example(db)
+    seed.insert(db, "system_settings", call_limit_24hour="1")
+    assert place(db) is not None
+    assert seed.one(db, "SELECT state FROM vicidial_lead_24hour_calls")["state"] == "IL"
+
+
+def test_the_vdacnote_names_the_balancing_host(db: Connection) -> None:
+    """VICIdial writes its own host's server_ip in the VDACnote, not the target server's."""
+    seed.example(db)
+    plan = seed.one_placement("CAMP1", "10.10.0.1")
+    report = seed.execute_plan(db, plan, host_server_ip="10.10.9.9")
+    assert report.total_placed == 1
+    note = manager_row(db)["cmd_line_k"]
+    assert note == "VDACnote: CAMP1|100001|1|3125550001|OUTBALANCE|NONE|50|10.10.9.9|CAMPAIGN_CID"
+
+
+@pytest.mark.parametrize(
+    ("alt_phone", "digits"), [("773-555-0199", "7735550199"), ("(312)5550101", "3125550101")]
+)
+def test_alt_numbers_are_dialed_as_digits_only(db: Connection, alt_phone: str, digits: str) -> None:
+    seed.server(db)
+    seed.campaign(db, auto_alt_dial="ALT_ONLY")
+    seed.lead_list(db)
+    seed.lead(db, alt_phone=alt_phone)
+    seed.hopper(db, alt_dial="ALT")
+    result = place(db)
+    assert result is not None and result.phone_number == digits
+    row = manager_row(db)
+    assert row["cmd_line_d"] == f"Channel: Local/91{digits}@default"
+    assert f"|1|{digits}|OUTBALANCE|ALT|" in row["cmd_line_k"]
+    assert seed.one(db, "SELECT phone_number FROM vicidial_auto_calls")["phone_number"] == digits
+    assert (
+        seed.one(db, "SELECT phone_number FROM vicidial_lead_24hour_calls")["phone_number"]
+        == digits
+    )
+    daily = seed.one(db, "SELECT phone_number FROM vicidial_phone_number_call_daily_counts")
+    assert daily["phone_number"] == digits
 
 
 # --------------------------------------------------------------------------- claiming

@@ -415,6 +415,48 @@ def hangup_event(code: str, cause: int, state: str = "0") -> dict[str, str]:
     }
 
 
+def local_leg_hangup(code: str, cause: int, leg: int, state: str = "0") -> dict[str, str]:
+    """A Hangup of one Local leg of a balance call (no trunk channel): what a real Asterisk
+    whose carrier sits behind Local/ emits."""
+    return {
+        "Event": "Hangup",
+        "Uniqueid": f"9.{leg}",
+        "Channel": f"Local/713125550001@default-00000000;{leg}",
+        "CallerIDName": code,
+        "Cause": str(cause),
+        "ChannelState": state,
+    }
+
+
+def test_the_balancers_own_calls_feed_the_breakers_once_per_call_without_trunk_channels() -> None:
+    health, _ = make()
+    codes = [f"V00000000000000000{n:02d}" for n in range(1, 4)]
+    for code in codes:
+        health.placed(placed(A, "alpha", code))
+    for code in codes:
+        # both Local legs hang up with the carrier's cause: counted once per call
+        health.on_channel_event(A, local_leg_hangup(code, 34, 2), None)
+        health.on_channel_event(A, local_leg_hangup(code, 34, 1), None)
+    trunk = health._trunk("alpha", A).breaker
+    assert trunk.calls_in_window() == 3
+    assert health.state("alpha", A) is BreakerState.OPEN  # 3 consecutive trunk failures
+    assert chosen(health, A) == "beta"  # later calls go straight to the next carrier
+    # a busy or answered call counts for the carrier, and never twice with its trunk leg
+    health2, _ = make()
+    health2.placed(placed(B, "alpha", "V0000000000000000042"))
+    feed = Feed(health2)
+    line = feed.new(B, "alpha", code="V0000000000000000042")
+    health2.on_channel_event(
+        B,
+        {"Event": "DialEnd", "DialStatus": "ANSWER", "DestCallerIDName": "V0000000000000000042"},
+        line,
+    )
+    feed.hangup(B, line, 16, state="6", code="V0000000000000000042")
+    health2.on_channel_event(B, local_leg_hangup("V0000000000000000042", 16, 1, state="6"), None)
+    assert health2._trunk("alpha", B).breaker.calls_in_window() == 1
+    assert health2.lines("alpha", B) == (0, 0)
+
+
 def test_only_trunk_failures_before_answer_are_queued_once() -> None:
     health, _ = make()
     failover = failover_of(health)
@@ -519,7 +561,7 @@ def test_replace_call_re_places_a_lead_once_on_the_next_carrier(db: Connection) 
     calls = fetchall(db, "SELECT callerid, lead_id, call_type FROM vicidial_auto_calls")
     assert calls == [{"callerid": retry.caller_code, "lead_id": 100001, "call_type": "OUTBALANCE"}]
     lead = seed.one(db, "SELECT status, called_count FROM vicidial_list")
-    assert lead == {"status": "INCALL", "called_count": 1}  # the number was never reached
+    assert lead == {"status": "NEW", "called_count": 1}  # the number was never reached
     assert seed.count(db, "vicidial_dial_log") == 2
     retries = fetchall(db, "SELECT * FROM vb_call_retries")
     assert [

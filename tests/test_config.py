@@ -309,6 +309,17 @@ def test_astguiclient_fallback(tmp_path: Path) -> None:
     assert config.database.source == str(path)
 
 
+def test_the_vdacnote_host_is_this_hosts_own_server_ip(tmp_path: Path) -> None:
+    path = tmp_path / "astguiclient.conf"
+    path.write_text(ASTGUI)
+    assert config_from_dict({}, {}, path).balance.host_server_ip == "10.10.0.5"  # VARserver_ip
+    named = config_from_dict({"balance": {"host_server_ip": "10.10.0.9"}}, {}, path)
+    assert named.balance.host_server_ip == "10.10.0.9"  # the config names it explicitly
+    assert build({"database": {"url": "mysql://u@127.0.0.1/db"}}).balance.host_server_ip == ""
+    with pytest.raises(ConfigError, match=r"^balance\.host_server_ip: expected this host"):
+        config_from_dict({"balance": {"host_server_ip": "ast1"}}, {}, path)
+
+
 def test_astguiclient_missing_key(tmp_path: Path) -> None:
     path = tmp_path / "astguiclient.conf"
     path.write_text("VARDB_server => 10.0.0.1\nVARDB_user => cron\n")

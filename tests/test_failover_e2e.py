@@ -368,3 +368,58 @@ async def test_retry_happens_once_and_only_for_trunk_failures(
         assert failed_retries and len(again) == len(failed_retries)
         assert [d["outcome"] for d in decisions].count("retried") == len(done)
         assert_one_live_call_per_lead(db)
+
+
+async def test_local_only_calls_open_the_breaker_and_later_calls_skip_the_carrier(
+    db: Connection, database_url: DatabaseUrl, redis_db: str
+) -> None:
+    """A dialplan that reaches its carriers through Local/ only (no trunk channel is ever
+    created, as on a real Asterisk set up that way): the breaker learns from the balancer's own
+    calls, each counted once, and later calls go straight to the next carrier."""
+    local = [SimCarrier(name, prefix, local_only=True) for prefix, name in PREFIX.items()]
+    async with AsyncExitStack() as stack:
+        sims = []
+        for ip in IPS:
+            sim = SimAsterisk(ip, carriers=local, call_duration_s=120, answer_delay_s=0.02)
+            await sim.start()
+            stack.push_async_callback(sim.stop)
+            sender = CommandSender(sim, database_url, poll_interval_s=0.02)
+            await sender.start()
+            stack.push_async_callback(sender.stop)
+            sims.append(sim)
+            sim.set_carrier_state("alpha", fail_cause=34)
+        seed(db, sims, shortage=12)
+        daemon = Daemon(routing_config(database_url, redis_db, retry_failed_calls=False))
+        async with running(daemon):
+
+            async def alpha_open() -> bool:
+                return any(
+                    daemon.carrier_health.state("alpha", ip) is BreakerState.OPEN for ip in (S2, S3)
+                )
+
+            await eventually(alpha_open, timeout=20)
+            assert all(sim.trunk_lines_in_use() == 0 for sim in sims)  # no trunk channel at all
+            mark = max(int(str(r["man_id"])) for r in originates(db))
+            opened = next(
+                ip
+                for ip in (S2, S3)
+                if daemon.carrier_health.state("alpha", ip) is BreakerState.OPEN
+            )
+            breaker = daemon.carrier_health._trunk("alpha", opened).breaker
+            alpha_calls = [
+                r for r in originates(db) if r["carrier"] == "alpha" and r["server_ip"] == opened
+            ]
+            assert breaker.calls_in_window() == len(alpha_calls)  # once per call, not per leg
+            only_balance_on(db, opened)
+            set_shortage(db, 24)
+
+            async def more() -> bool:
+                return sum(1 for r in originates(db) if int(str(r["man_id"])) > mark) >= 5
+
+            await eventually(more, timeout=20)
+            later = [
+                r
+                for r in originates(db)
+                if int(str(r["man_id"])) > mark and r["server_ip"] == opened
+            ]
+            assert later and all(r["carrier"] == "beta" for r in later), later

@@ -114,7 +114,7 @@ def check_after_repair(db: Connection, leads: int) -> None:
             "SELECT status, user, called_count FROM vicidial_list WHERE lead_id = %s",
             int(code[-10:]),
         )
-        assert (lead["status"], lead["user"], lead["called_count"]) == ("INCALL", "VDAD", 1)
+        assert (lead["status"], lead["user"], lead["called_count"]) == ("NEW", "VDAD", 1)
     claimed = fetchall(
         db, "SELECT lead_id, status, user FROM vicidial_hopper WHERE status <> 'READY'"
     )

@@ -51,6 +51,14 @@ async def populate(redis_url: str, with_daemon: bool = True) -> None:
             ],
             [],
         )
+        await store.apply(  # what it had when it was last heard from, before it went DOWN
+            "10.10.0.2",
+            [
+                Channel("2.1", "SIP/alpha-00000011", ChannelClass.TRUNK, "alpha"),
+                Channel("2.2", "Local/8368@default-00000001;1", ChannelClass.LOCAL),
+            ],
+            [],
+        )
         await store.set_meta(
             "10.10.0.2",
             ServerMeta(
@@ -71,7 +79,7 @@ def test_status_json_document(tmp_path: Path, redis_db: str) -> None:
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
-    assert doc["version"] == 1
+    assert doc["version"] == 2
     assert doc["daemons"] == ["test-daemon"]
     assert doc["stale"] is False
     first, second = doc["servers"]
@@ -86,6 +94,11 @@ def test_status_json_document(tmp_path: Path, redis_db: str) -> None:
     assert first["health"] == "up" and first["rtt_ms"] == 0.8
     assert 1.5 <= first["last_event_age_s"] <= 10
     assert second["health"] == "drained" and second["tracked_health"] == "down"
+    # a DOWN server has no known live lines: null, its last-seen counts apart, 0 in the totals
+    assert second["lines_known"] is False and second["trunk_lines"] is None
+    assert second["total"] is None and second["last_seen_lines"]["total"] == 2
+    assert second["last_seen_lines"]["trunk_lines"] == 1
+    assert first["lines_known"] is True and first["last_seen_lines"] is None
     assert doc["totals"]["trunk_lines"] == 2 and doc["totals"]["max_trunks"] == 33
     assert doc["totals"]["up"] == 1 and doc["totals"]["servers"] == 2
     assert "dbpass" not in result.output
@@ -99,7 +112,8 @@ def test_status_table(tmp_path: Path, redis_db: str) -> None:
     assert lines[0].split()[:3] == ["SERVER", "SERVER_IP", "HEALTH"]
     row = next(line for line in lines if line.startswith("ast1"))
     assert "UP" in row and "127.0.0.1:15038" in row and "2/23" in row and "alpha=1 beta=1" in row
-    assert "DRAINED" in next(line for line in lines if line.startswith("ast2"))
+    down = next(line for line in lines if line.startswith("ast2"))
+    assert "DRAINED" in down and "?/10" in down
     total = next(line for line in lines if line.startswith("TOTAL"))
     assert "1/2 up" in total
     assert "BALANCE: no recent cycle" in result.output

@@ -222,10 +222,12 @@ class Executor:
         clock: Callable[[], float] | None = None,
         router: CallRouter | None = None,
         transactional: bool | None = None,
+        host_server_ip: str = "",
     ) -> None:
         """Write through ``db`` under the lease ``fence()`` returns (None: not the leader);
         ``router`` chooses each call's carrier (None: the campaign's dial prefix, as VICIdial);
-        ``transactional`` (None: found from the tables' engines) adds a transaction per call."""
+        ``transactional`` (None: found from the tables' engines) adds a transaction per call;
+        ``host_server_ip`` is this host's own server_ip for the VDACnote ('' -> the target's)."""
         self.db = db
         self.fence = fence
         self.on_fence_lost = on_fence_lost
@@ -234,6 +236,7 @@ class Executor:
         self.dst = dst or local_dst
         self.router = router
         self.transactional = transactional
+        self.host_server_ip = host_server_ip
         self._claims = itertools.count(1)
         self._stop_requested = False
         self._wake: asyncio.Event | None = None
@@ -274,7 +277,13 @@ class Executor:
         if fence is None:
             report = ExecutionReport(cycle_id, stopped=NOT_LEADER)
             return report
-        context = CycleContext(now=now, dst=self.dst(now), cycle_id=cycle_id)
+        context = CycleContext(
+            now=now,
+            dst=self.dst(now),
+            cycle_id=cycle_id,
+            host_server_ip=self.host_server_ip,
+            limit_24hour=snapshot.settings is not None and snapshot.settings.call_limit_24hour,
+        )
         run = _Run(context, fence, clock, lambda: next(self._claims))
         self._wake = asyncio.Event()
         if self._stop_requested:

@@ -71,16 +71,17 @@ def dial_prefix(list_prefix: str, campaign_prefix: str) -> str:
 def caller_id(
     code: str, list_override: str, campaign: CampaignInfo, security_phrase: str
 ) -> tuple[str, str, str]:
-    """(CID number, CID type, Callerid value): quoted form only for numbers over 6 characters."""
-    custom = NON_DIGITS.sub("", security_phrase) if campaign.use_custom_cid else ""
-    if list_override.strip():
-        number, kind = list_override.strip(), "LIST_CID"
-    elif custom:
-        number, kind = custom, "CUSTOM_CID"
-    else:
-        number, kind = campaign.campaign_cid, "CAMPAIGN_CID"
-    value = f'"{code}" <{number}>' if len(number) > 6 else code
-    return number, kind, value
+    """(CID number, CID type, Callerid value), VICIdial's rule: the first candidate LONGER than 6
+    characters of the list override, the lead's security_phrase digits (use_custom_cid='Y') and
+    the campaign CID; when none qualifies, no CID at all and the bare caller code."""
+    candidates = [(list_override.strip(), "LIST_CID")]
+    if campaign.use_custom_cid:
+        candidates.append((NON_DIGITS.sub("", security_phrase), "CUSTOM_CID"))
+    candidates.append((campaign.campaign_cid, "CAMPAIGN_CID"))
+    for number, kind in candidates:
+        if len(number) > 6:
+            return number, kind, f'"{code}" <{number}>'
+    return "", "", code
 
 
 def asterisk_major(version: str) -> int | None:

@@ -23,6 +23,7 @@ class SystemSettings:
     outbound_autodial_active: bool = True
     disable_auto_dial: bool = False
     outbound_calls_per_second: int = 10
+    call_limit_24hour: bool = False  # VICIdial then records the lead's state per 24-hour call
 
 
 @dataclass(frozen=True)

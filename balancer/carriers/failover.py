@@ -110,6 +110,7 @@ class Failover:
         # move to when no carrier can take it on its own server (both set by the daemon).
         self.snapshot: Callable[[], DbSnapshot | None] = lambda: None
         self.alternates: Callable[[PlacedCall], Sequence[ServerInfo]] = lambda _call: ()
+        self.host_server_ip = ""  # the VDACnote's host field ('' -> the call's server)
         self._wake: asyncio.Event | None = None
         self.retried = 0
         self.not_retried = 0
@@ -300,7 +301,14 @@ class Failover:
         try:
             result = await db.run(
                 lambda conn: replace_call(
-                    conn, fence, call, pick, call.carrier_id, failed.cause, target
+                    conn,
+                    fence,
+                    call,
+                    pick,
+                    call.carrier_id,
+                    failed.cause,
+                    target,
+                    self.host_server_ip,
                 ),
                 idempotent=False,
             )

@@ -71,6 +71,7 @@ _GOOD = {
     "Registry": frozenset({"registered"}),
 }
 _RESERVE_MARGIN_S = 10.0  # a reservation outlives the call's dial timeout by this much
+_DECIDED_KEEP_S = 120.0  # a decided call's later legs are recognised (not counted) this long
 
 
 def caller_code_in(event: Mapping[str, str], *keys: str) -> str | None:
@@ -127,6 +128,12 @@ class CarrierHealth:
         self._answered: set[tuple[str, str]] = set()  # (server, uniqueid) counted at DialEnd
         self._reservations: dict[str, tuple[str, str, float]] = {}  # code -> carrier, server, due
         self._due: list[tuple[float, str]] = []  # heap of (due, code)
+        # The calls the balancer placed whose outcome is not known yet: caller code -> (carrier,
+        # server_ip, forget at). Their first Hangup/answer decides, once per call, whatever
+        # channels the call had (a Local-only dialplan creates no trunk channel at all).
+        self._pending: dict[str, tuple[str, str, float]] = {}
+        self._pending_due: list[tuple[float, str]] = []
+        self._decided: dict[str, float] = {}  # code -> decided at (insertion ordered)
         self.reconfigure(carriers, routes, routing)
 
     # ------------------------------------------------------------------ configuration
@@ -241,6 +248,8 @@ class CarrierHealth:
                 self._unreserve(old)
             self._reservations[call.caller_code] = (call.carrier_id, call.server_ip, due)
             heapq.heappush(self._due, (due, call.caller_code))
+            self._pending[call.caller_code] = (call.carrier_id, call.server_ip, due)
+            heapq.heappush(self._pending_due, (due, call.caller_code))
             self.breakers[call.carrier_id].probe_started()
             trunk.breaker.probe_started()
         for observer in self.observers:
@@ -289,11 +298,17 @@ class CarrierHealth:
                 self._release(caller_code_in(event, "CallerIDName"))
                 self._add_line(server_ip, channel.uniqueid, carrier)
         elif name == "Hangup":
-            self._release(caller_code_in(event, "CallerIDName", "ConnectedLineName"))
+            code = caller_code_in(event, "CallerIDName", "ConnectedLineName")
+            self._release(code)
+            ours = self._call_outcome(code, event)
             if channel is not None and carrier is not None:
-                self._hangup(server_ip, channel.uniqueid, carrier, event)
+                self._hangup(server_ip, channel.uniqueid, carrier, event, count=not ours)
         elif name == "DialEnd":
-            self._release(caller_code_in(event, "DestCallerIDName", "CallerIDName"))
+            code = caller_code_in(event, "DestCallerIDName", "CallerIDName")
+            self._release(code)
+            ours = self._call_outcome(code, event)
+            if ours:
+                return  # counted once for the call, not again for its trunk leg
             if channel is not None and carrier is not None and event.get("DialStatus") == "ANSWER":
                 key = (server_ip, channel.uniqueid)
                 if key not in self._answered:
@@ -365,10 +380,51 @@ class CarrierHealth:
             trunk = self._trunk(carrier, server_ip)
             trunk.lines = max(0, trunk.lines - 1)
 
+    def _call_outcome(self, code: str | None, event: Mapping[str, str]) -> bool:
+        """A Hangup or DialEnd of a call the balancer placed: its outcome goes to the breakers
+        of the carrier it chose, on its server, once. True when the event is such a call's."""
+        if code is None:
+            return False
+        if code in self._decided:
+            return True
+        call = self._pending.pop(code, None)
+        if call is None:
+            return False
+        if event.get("Event") == "DialEnd":
+            if event.get("DialStatus") != "ANSWER":
+                self._pending[code] = call  # the Hangup that follows carries the cause
+                return True
+            outcome, what = Outcome.ANSWERED, "answered"
+        elif event.get("ChannelState") == UP_STATE:
+            outcome, what = Outcome.ANSWERED, "answered"
+        else:
+            cause_text = event.get("Cause", "")
+            cause = int(cause_text) if cause_text.isdigit() else 0
+            outcome, what = classify_cause(cause), f"cause {cause}"
+        carrier, server_ip, _ = call
+        now = self.clock()
+        self._decided[code] = now
+        while self._decided:  # oldest first: drop what is too old to see another leg
+            oldest = next(iter(self._decided))
+            if now - self._decided[oldest] <= _DECIDED_KEEP_S:
+                break
+            del self._decided[oldest]
+        self._record(carrier, server_ip, outcome, what)
+        return True
+
     def _hangup(
-        self, server_ip: str, uniqueid: str, carrier: str, event: Mapping[str, str]
+        self,
+        server_ip: str,
+        uniqueid: str,
+        carrier: str,
+        event: Mapping[str, str],
+        *,
+        count: bool = True,
     ) -> None:
         self._remove_line(server_ip, uniqueid)
+        if not count:
+            self._answered.discard((server_ip, uniqueid))
+            return
         key = (server_ip, uniqueid)
         if key in self._answered:
             self._answered.discard(key)  # its outcome was counted when it was answered
@@ -447,6 +503,11 @@ class CarrierHealth:
             if reservation is not None and reservation[2] == due:
                 del self._reservations[code]
                 self._unreserve(reservation)
+        while self._pending_due and self._pending_due[0][0] <= now:
+            due, code = heapq.heappop(self._pending_due)
+            pending = self._pending.get(code)
+            if pending is not None and pending[2] == due:
+                del self._pending[code]  # no outcome ever came: nothing to count
 
     # ------------------------------------------------------------------ the routes document
 

@@ -57,6 +57,9 @@ class CycleContext:
     now: datetime  # the cycle's start (the snapshot's NOW()): caller code, entry_date, call_time
     dst: bool  # daylight saving time in effect (adds an hour to the lead's local-time offset)
     cycle_id: str
+    # VDACnote's host field: the balancing host's own server_ip ('' -> the target server's)
+    host_server_ip: str = ""
+    limit_24hour: bool = False  # system_settings.call_limit_24hour: record the lead's state
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class Dial:
     dial_string: str
     number: str
     alt_dial: str
+    host_server_ip: str = ""  # VDACnote's host field ('' -> the target server's server_ip)
+    limit_24hour: bool = False
 
     @property
     def channel(self) -> str:
@@ -152,7 +157,7 @@ def insert_dial_logs(conn: Connection, fence: LeaderFence, dial: Dial) -> tuple[
             fit(dial.channel, 100),
             fit(server.ext_context, 100),
             timeout_ms(campaign.dial_timeout),
-            fit(cid_value, 100),
+            fit(cid_value, 100) if cid_type else "",  # no qualifying CID: VICIdial writes ''
         ),
     )
     fenced_insert(
@@ -178,7 +183,7 @@ def insert_originate(conn: Connection, fence: LeaderFence, dial: Dial, cid_type:
             OUTBALANCE,
             dial.alt_dial,
             str(campaign.queue_priority),
-            server.server_ip,
+            dial.host_server_ip or server.server_ip,
             cid_type,
         )
     )
@@ -278,7 +283,7 @@ def _insert_counts(conn: Connection, fence: LeaderFence, dial: Dial) -> None:
             now,
             fit(dial.number, 18),
             fit(lead.phone_code, 10),
-            fit(lead.state, 2),
+            fit(lead.state, 2) if dial.limit_24hour else "",  # VICIdial: '' unless limits are on
             "AUTO",
         ),
     )
@@ -333,7 +338,7 @@ def update_lead(
             "UPDATE vicidial_list AS l"
             " JOIN vicidial_hopper AS h ON h.hopper_id = %s AND h.user = %s AND h.status = 'QUEUE'"
             " JOIN vb_leader AS f ON f.name = %s AND f.epoch = %s"
-            " SET l.status = 'INCALL', l.user = 'VDAD',"
+            " SET l.user = 'VDAD',"
             " l.called_count = LEAST(COALESCE(l.called_count, 0) + 1, 65535),"
             " l.called_since_last_reset = %s, l.last_local_call_time = %s, h.status = 'INCALL'"
             " WHERE l.lead_id = %s",
@@ -370,7 +375,16 @@ def write_call(
     now = cycle.now.replace(microsecond=0)
     alt_dial = hopper.alt_dial or "MAIN"
     dial = Dial(
-        server, campaign, lead, caller_code(now, lead.lead_id), now, dial_string, number, alt_dial
+        server,
+        campaign,
+        lead,
+        caller_code(now, lead.lead_id),
+        now,
+        dial_string,
+        number,
+        alt_dial,
+        cycle.host_server_ip,
+        cycle.limit_24hour,
     )
     if transactional:
         conn.begin()
@@ -428,7 +442,7 @@ def _update_lead_only(
     with conn.cursor() as cur:
         return bool(
             cur.execute(
-                "UPDATE vicidial_list SET status = 'INCALL', user = 'VDAD',"  # noqa: S608
+                "UPDATE vicidial_list SET user = 'VDAD',"  # noqa: S608
                 " called_count = LEAST(COALESCE(called_count, 0) + 1, 65535),"
                 " called_since_last_reset = %s, last_local_call_time = %s"
                 f" WHERE lead_id = %s AND {fence.exists}",

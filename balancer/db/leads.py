@@ -64,9 +64,10 @@ class Claimed:
 
 
 def dialed_number(lead: Lead, alt_dial: str, auto_alt_dial: str) -> str:
-    """phone_number; alt_phone or address3's digits for an alt dial the campaign enables."""
+    """phone_number; alt_phone's or address3's digits (as VICIdial keeps them) for an alt dial
+    the campaign enables."""
     if alt_dial == "ALT" and "ALT" in auto_alt_dial:
-        return lead.alt_phone
+        return NON_DIGITS.sub("", lead.alt_phone)
     if alt_dial == "ADDR3" and "ADDR3" in auto_alt_dial:
         return NON_DIGITS.sub("", lead.address3)
     return lead.phone_number

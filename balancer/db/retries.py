@@ -79,6 +79,7 @@ def replace_call(
     failed_carrier: str,
     cause: int,
     server: ServerInfo | None = None,
+    host_server_ip: str = "",
 ) -> CallResult | RetrySkipped:
     """Re-place a balance call that failed on a trunk: same lead, ``pick``'s prefix, on
     ``server`` (default: the failed call's server).
@@ -137,20 +138,17 @@ def replace_call(
     dial_string = (
         pick.dial_prefix + ("" if campaign.omit_phone_code else lead.phone_code) + call.number
     )
-    dial = Dial(target, campaign, lead, code, now, dial_string, call.number, call.alt_dial)
+    dial = Dial(
+        target, campaign, lead, code, now, dial_string, call.number, call.alt_dial, host_server_ip
+    )
     auto_call_id = _take_over_auto_call(conn, fence, call, dial)
     _, cid_type = insert_dial_logs(conn, fence, dial)
     man_id = insert_originate(conn, fence, dial, cid_type)
+    # Not a new attempt at the lead (the number was never reached): the lead is not touched.
     with conn.cursor() as cur:
         cur.execute(
             "UPDATE vb_call_retries SET state = 'placed' WHERE caller_code = %s",
             (call.caller_code,),
-        )
-        # Not a new attempt at the lead (the number was never reached): no call counts.
-        cur.execute(
-            "UPDATE vicidial_list SET status = 'INCALL', user = 'VDAD' WHERE lead_id = %s"  # noqa: S608
-            f" AND {fence.exists}",
-            (call.lead_id, *fence.params),
         )
     return CallResult(
         lead_id=call.lead_id,

@@ -25,10 +25,10 @@ log = logging.getLogger(__name__)
 # NOW() and system_settings in one statement; the LEFT JOIN keeps the row when settings are missing.
 _SETTINGS = (
     "SELECT NOW() AS taken_at, s.outbound_autodial_active, s.disable_auto_dial,"
-    " s.outbound_calls_per_second, s.present"
+    " s.outbound_calls_per_second, s.call_limit_24hour, s.present"
     " FROM (SELECT 1 AS one) AS clock LEFT JOIN ("
-    "SELECT outbound_autodial_active, disable_auto_dial, outbound_calls_per_second, 1 AS present"
-    " FROM system_settings LIMIT 1) AS s ON TRUE"
+    "SELECT outbound_autodial_active, disable_auto_dial, outbound_calls_per_second,"
+    " call_limit_24hour, 1 AS present FROM system_settings LIMIT 1) AS s ON TRUE"
 )
 _SERVERS = (
     "SELECT server_ip, server_id, active, vicidial_balance_active, vicidial_balance_rank,"
@@ -108,13 +108,14 @@ def _offset(value: Any, server_ip: str) -> float:
 
 
 def _settings(row: tuple[Any, ...]) -> SystemSettings | None:
-    _, autodial, disabled, cps, present = row
+    _, autodial, disabled, cps, limit_24hour, present = row
     if present is None:
         return None
     return SystemSettings(
         outbound_autodial_active=text(autodial) == "1",
         disable_auto_dial=text(disabled) == "1",
         outbound_calls_per_second=_int(cps, 10),
+        call_limit_24hour=text(limit_24hour) == "1",
     )
 
 

@@ -10,10 +10,10 @@ import json
 import time
 from typing import Any
 
-from balancer.store.base import ChannelClass, ServerState, StateStore
+from balancer.store.base import ChannelClass, Health, ServerState, StateStore
 from balancer.store.keys import BALANCE_SUMMARY, kamailio_document
 
-STATUS_VERSION = 1
+STATUS_VERSION = 2  # 2: a DOWN or stale server's line counts are null (last_seen_lines)
 
 
 def server_entry(state: ServerState, now: float) -> dict[str, Any]:
@@ -25,6 +25,16 @@ def server_entry(state: ServerState, now: float) -> dict[str, Any]:
         shown = "stale"
     else:
         shown = str(meta.health)
+    counts = {
+        "trunk_lines": state.count(ChannelClass.TRUNK),
+        "agent_phones": state.count(ChannelClass.AGENT),
+        "local": state.count(ChannelClass.LOCAL),
+        "other": state.count(ChannelClass.OTHER),
+        "total": state.total,
+    }
+    # A DOWN (or stale) server's live lines are unknown: its last counts are only what was
+    # true when it was last heard from, so they are shown apart and count 0 in the totals.
+    known = state.fresh and meta.health is not Health.DOWN
     return {
         "server_id": meta.server_id,
         "server_ip": state.server_ip,
@@ -34,12 +44,10 @@ def server_entry(state: ServerState, now: float) -> dict[str, Any]:
         "drained": state.drained,
         "fresh": state.fresh,
         "address": meta.address,
-        "trunk_lines": state.count(ChannelClass.TRUNK),
         "max_trunks": meta.max_trunks,
-        "agent_phones": state.count(ChannelClass.AGENT),
-        "local": state.count(ChannelClass.LOCAL),
-        "other": state.count(ChannelClass.OTHER),
-        "total": state.total,
+        "lines_known": known,
+        **(counts if known else dict.fromkeys(counts)),
+        "last_seen_lines": None if known else counts,
         "carriers": dict(sorted((k, v) for k, v in state.carriers.items() if v)),
         "last_event_age_s": None
         if meta.last_event_at is None
@@ -57,7 +65,7 @@ async def build_status(store: StateStore, source: str, now: float | None = None)
     daemons = await store.daemons()
     servers = [server_entry(s, now) for s in states]
     keys = ("trunk_lines", "max_trunks", "agent_phones", "local", "other", "total")
-    totals: dict[str, Any] = {k: sum(s[k] for s in servers) for k in keys}
+    totals: dict[str, Any] = {k: sum(s[k] or 0 for s in servers) for k in keys}
     totals["servers"] = len(servers)
     totals["up"] = sum(1 for s in servers if s["health"] == "up")
     problems: list[str] = []
@@ -119,6 +127,10 @@ def _age(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
 
+def _known(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
 def _rtt(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}ms"
 
@@ -147,11 +159,11 @@ def render_table(doc: dict[str, Any]) -> str:
                 s["server_ip"],
                 s["health"].upper(),
                 s["address"] or "-",
-                f"{s['trunk_lines']}/{s['max_trunks']}",
-                str(s["agent_phones"]),
-                str(s["local"]),
-                str(s["total"]),
-                carriers,
+                f"{_known(s['trunk_lines'])}/{s['max_trunks']}",
+                _known(s["agent_phones"]),
+                _known(s["local"]),
+                _known(s["total"]),
+                carriers if s["lines_known"] else "-",
                 _age(s["last_event_age_s"]),
                 _rtt(s["rtt_ms"]),
             )

@@ -216,7 +216,10 @@ class CallEngine:
         carrier = self.carrier_for(dial)
         trunk: SimChannel | None = None
         cause: int | None = None
-        if carrier is not None:
+        if carrier is not None and carrier.local_only:
+            cause = self._dial_failure(carrier)
+            two.application, two.app_data = "Wait", f"{duration:g}"
+        elif carrier is not None:
             cause = self._dial_failure(carrier)
             number = dial[len(carrier.dial_prefix) :]
             trunk = SimChannel(

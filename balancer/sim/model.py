@@ -63,6 +63,9 @@ class SimCarrier:
     reachable: bool = (
         True  # False: calls fail CHANUNAVAIL (cause 20) unless fail_cause says otherwise
     )
+    # True: the dialplan reaches it without a trunk channel of its own (only the Local legs
+    # exist, as on a real Asterisk whose carrier is behind Local/ or an AGI): outcomes still apply
+    local_only: bool = False
 
 
 @dataclass
