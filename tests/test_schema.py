@@ -133,7 +133,7 @@ def tables_of(conn: Connection) -> set[str]:
 def test_expected_tables_cover_every_vicidial_and_balancer_table() -> None:
     tables = schema.expected_tables()
     assert set(tables) == VICIDIAL_TABLES | BALANCER_TABLES
-    assert Path(__file__).resolve().parents[1] / "sql" == schema.SQL_DIR
+    assert Path(__file__).resolve().parents[1] / "sql" == Path(str(schema.SQL_DIR)).resolve()
     assert tables["vicidial_manager"][:3] == ["man_id", "uniqueid", "entry_date"]
     assert "ASTmgrUSERNAME" in tables["servers"]
     assert tables["vb_login_flags"] == ["server_ip", "set_to", "previous", "reason", "changed_at"]

@@ -13,6 +13,7 @@ from balancer import __version__
 from balancer.cli.agents import assign_phone_command, drain_command, undrain_command
 from balancer.cli.check import check_command
 from balancer.cli.common import AppContext
+from balancer.cli.files import files
 from balancer.cli.kamailio import kamailio_command
 from balancer.cli.routes import routes_command
 from balancer.cli.run import rebalance, run
@@ -30,10 +31,11 @@ from balancer.cli.status import status
     envvar="VICI_BALANCER_CONFIG",
     help="TOML configuration file (default /etc/vici-balancer.toml).",
 )
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error.")
 @click.pass_context
-def main(ctx: click.Context, config_path: Path | None) -> None:
+def main(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
     """Cluster balancer for VICIdial: live AMI line counts, server choice, carrier failover."""
-    ctx.obj = AppContext(config_path)
+    ctx.obj = AppContext(config_path, debug)
 
 
 for _command in (
@@ -49,6 +51,7 @@ for _command in (
     check_command,
     routes_command,
     kamailio_command,
+    files,
 ):
     main.add_command(_command)
 

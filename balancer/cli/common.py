@@ -31,8 +31,9 @@ def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
 class AppContext:
     """What the group passes to its commands: the config path, loaded on demand."""
 
-    def __init__(self, config_path: Path | None) -> None:
+    def __init__(self, config_path: Path | None, debug: bool = False) -> None:
         self.config_path = config_path
+        self.debug = debug  # --debug: an unexpected error shows its traceback
         self._config: Config | None = None
 
     def config(self) -> Config:
@@ -46,7 +47,8 @@ class AppContext:
 
 
 def handle_errors(func: F) -> F:
-    """Turn our own errors into one clear line and the right exit code."""
+    """Turn our own errors into one clear line and the right exit code; anything unexpected
+    into one line naming what failed (exit 1), its traceback only with --debug."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -55,6 +57,18 @@ def handle_errors(func: F) -> F:
             fail(f"bad config: {exc}", EXIT_USAGE)
         except BalancerError as exc:
             fail(str(exc))
+        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            context = click.get_current_context(silent=True)
+            app = context.find_object(AppContext) if context is not None else None
+            if app is not None and app.debug:
+                raise
+            where = func.__name__.replace("_", "-")
+            fail(
+                f"{where} failed unexpectedly: {type(exc).__name__}: {exc}"
+                " (run with --debug for the traceback)"
+            )
 
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__

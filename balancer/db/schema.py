@@ -5,14 +5,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 
 import pymysql
 
 from balancer.db.connection import Connection
 from balancer.errors import DatabaseError
 
-SQL_DIR: Path = Path(__file__).resolve().parents[2] / "sql"
+# The top-level sql/ directory, as package data (balancer/db/sql links to it, and the wheel
+# carries the files), so an installed package finds its schema wherever it lives.
+SQL_DIR: Traversable = resources.files("balancer.db") / "sql"
 # Applied in this order: VICIdial's tables first, then the balancer's own.
 SQL_FILES: tuple[str, ...] = ("vicidial.sql", "balancer.sql")
 # The version of our own vb_ tables this code needs; see MIGRATIONS.
@@ -90,7 +93,7 @@ def _skip_quoted(text: str, i: int, where: str) -> int:
     raise DatabaseError(f"{where}: unterminated {quote} quote")
 
 
-def statements(path: Path) -> list[str]:
+def statements(path: Traversable) -> list[str]:
     """Split a .sql file into statements, dropping comments; `;` inside quotes does not split."""
     text = path.read_text(encoding="utf-8")
     where = str(path)
