@@ -27,7 +27,7 @@ from balancer.carriers.failover import Failover
 from balancer.carriers.health import CarrierHealth
 from balancer.carriers.routing import PlacedCall
 from balancer.config import Config
-from balancer.db import queries, records
+from balancer.db import queries, records, schema
 from balancer.db.connection import Connection
 from balancer.db.worker import DbWorker
 from balancer.errors import AmiError, BalancerError
@@ -134,6 +134,14 @@ class Daemon:
         """
         stop = stop or asyncio.Event()
         balance = self.config.balance.enabled if balance is None else balance
+        if balance:
+            # an outdated schema of our own tables is named with its fix, before anything runs
+            try:
+                await self._db.run(schema.require_current)
+            except BalancerError:
+                await self._db.close()
+                await self._balance_db.close()
+                raise
         executor = Executor(
             self._balance_db,
             fence=lambda: self.leadership.fence,
@@ -468,10 +476,12 @@ class Daemon:
 async def rebalance_once(config: Config, *, dry_run: bool = False) -> CycleResult:
     """Exactly one cycle of the daemon's own code (for cron), then exit.
 
-    Live state comes from the shared store when a daemon keeps it fresh there; otherwise this
-    process tracks the servers briefly itself (into a private in-process store). Unless it is a
-    dry run it must hold the leader lease like any daemon, so a cron one-shot and a running
-    daemon never both place calls.
+    Live state comes from the shared store when a daemon keeps it fresh there. Otherwise this
+    process tracks the servers briefly itself (into a private in-process store) — but only when
+    the cycle needs live state: live mode, or carrier routing for calls it will place. A
+    faithful-mode plan (a dry run, or a real one without routes) uses VICIdial's own arithmetic
+    and opens no AMI session at all. Unless it is a dry run it must hold the leader lease like
+    any daemon, so a cron one-shot and a running daemon never both place calls.
     """
     store = open_store(config.redis)
     tracking: Daemon | None = None
@@ -482,7 +492,11 @@ async def rebalance_once(config: Config, *, dry_run: bool = False) -> CycleResul
     leadership = Leadership(db, name, config.balance.lock_ttl_s)
     try:
         live_store = store
-        if config.redis.is_memory or not await store.daemons():
+        routes_calls = bool(config.routes) and not config.routing.bypass_balance_calls
+        needs_live = config.balance.mode == "live" or (routes_calls and not dry_run)
+        if not dry_run:
+            await db.run(schema.require_current)
+        if needs_live and (config.redis.is_memory or not await store.daemons()):
             tracking = Daemon(config, store=MemoryStore(config.redis.state_ttl_s))
             serving = asyncio.create_task(tracking.serve(stop, balance=False))
             settle_s = config.ami.connect_timeout_s + 2 * config.ami.action_timeout_s

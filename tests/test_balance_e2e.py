@@ -246,3 +246,35 @@ async def test_rebalance_once_dry_run_writes_nothing_then_places(
     again = await rebalance_once(config)  # already filling: nothing more
     assert again.report is not None and again.report.total_placed == 0
     assert_consistent(db)
+
+
+async def test_an_outdated_schema_is_named_with_its_fix_at_start_up(
+    db: Connection, database_url: DatabaseUrl, redis_db: str
+) -> None:
+    execute(db, "DELETE FROM vb_schema_version WHERE version > 1")
+    try:
+        daemon = Daemon(balance_config(database_url, redis_db))
+        with pytest.raises(DatabaseError, match=r"schema version 1, this balancer needs \d+: run"):
+            await daemon.serve(asyncio.Event())
+    finally:
+        from balancer.db import schema
+
+        conn_versions = range(2, schema.SCHEMA_VERSION + 1)
+        for version in conn_versions:
+            execute(db, "INSERT IGNORE INTO vb_schema_version (version) VALUES (%s)", version)
+
+
+async def test_a_faithful_one_shot_opens_no_ami_session(
+    db: Connection, database_url: DatabaseUrl, redis_db: str, cluster: list[SimAsterisk]
+) -> None:
+    seed(db, cluster)
+    faithful = balance_config(database_url, redis_db, prefix="vbfaith:", mode="faithful")
+    dry = await rebalance_once(faithful, dry_run=True)
+    assert dry.plan.total_calls == 8 and dry.report is None
+    real = await rebalance_once(faithful)  # no routes: VICIdial's arithmetic needs no AMI
+    assert real.report is not None and real.report.total_placed == 8
+    assert [sim.logins for sim in cluster] == [0, 0, 0]
+    live = balance_config(database_url, redis_db, prefix="vbfaith:")
+    await rebalance_once(live, dry_run=True)  # live mode needs the lines: it tracks briefly
+    assert all(sim.logins >= 1 for sim in cluster)
+    assert_consistent(db)

@@ -655,3 +655,30 @@ def test_an_old_schema_is_upgraded_in_order_and_check_names_it(empty_db: Connect
     with empty_db.cursor() as cur:
         cur.execute("DELETE FROM vb_schema_version WHERE version = 3")
     assert schema.install(empty_db).migrated == [3]
+
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.mark.parametrize("commit", ["4dabe00", "52e3f37"])
+def test_a_schema_installed_by_an_earlier_release_upgrades(
+    empty_db: Connection, monkeypatch: pytest.MonkeyPatch, commit: str
+) -> None:
+    """tests/data/schema-<commit>/ is sql/ as git history has it at that commit (4dabe00: before
+    vb_call_retries; 52e3f37: the last release with the Redis lease and InnoDB tables)."""
+    with monkeypatch.context() as old:
+        old.setattr(schema, "SQL_DIR", DATA / f"schema-{commit}")
+        old.setattr(schema, "SCHEMA_VERSION", 1)  # what that release recorded
+        old.setattr(schema, "MIGRATIONS", ())
+        schema.install(empty_db)
+    assert rows(empty_db, "SELECT version FROM vb_schema_version") == [{"version": 1}]
+    outdated = [p.message for p in schema.check(empty_db) if p.table.startswith("vb_")]
+    assert any("schema version 1, this balancer needs" in m for m in outdated), outdated
+    report = schema.install(empty_db)
+    assert report.migrated == list(range(2, schema.SCHEMA_VERSION + 1))
+    assert "vb_leader" in report.created
+    assert ("vb_call_retries" in report.created) == (commit == "4dabe00")
+    assert [p.message for p in schema.check(empty_db) if p.table.startswith("vb_")] == []
+    # the upgraded tables take what the code writes now
+    run(empty_db, "INSERT INTO vb_decision_log (kind, epoch) VALUES ('balance', 7)")
+    assert rows(empty_db, "SELECT epoch FROM vb_decision_log") == [{"epoch": 7}]

@@ -351,6 +351,21 @@ def schema_version(conn: Connection) -> int | None:
     return int(row[0]) if row is not None and row[0] is not None else 0
 
 
+def require_current(conn: Connection) -> None:
+    """DatabaseError naming the fix when our vb_ tables are older than this code needs."""
+    version = schema_version(conn)
+    if version is None:
+        raise DatabaseError(
+            "the balancer's tables are missing (no vb_schema_version):"
+            " run `vici-balancer schema install`"
+        )
+    if version < SCHEMA_VERSION:
+        raise DatabaseError(
+            f"the vb_ tables are at schema version {version}, this balancer needs"
+            f" {SCHEMA_VERSION}: run `vici-balancer schema install` to upgrade them"
+        )
+
+
 def upgrade(conn: Connection) -> list[int]:
     """Apply the migrations newer than the recorded version; returns the versions applied."""
     database = _current_database(conn)
