@@ -8,7 +8,7 @@ export VB_TEST_DATABASE_URL ?= mysql://vbtest:vbtest@127.0.0.1:3306/vb_test
 export VB_TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 export VB_DEMO_DATABASE_URL ?= mysql://vbtest:vbtest@127.0.0.1:3306/vb_demo
 
-.PHONY: test demo lint format bench services venv clean
+.PHONY: test demo lint format bench services browser venv clean
 
 venv: $(STAMP)
 
@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml
 services:
 	bash scripts/services
 
-test: venv services
+browser:
+	bash scripts/browser
+
+test: venv services browser
 	$(BIN)/pytest -q -p no:cacheprovider
 
 demo: venv services

@@ -41,6 +41,9 @@ from balancer.kamailio.settings import (  # [kamailio] lives beside the code tha
 from balancer.kamailio.settings import KamailioEndpoint as KamailioEndpoint
 from balancer.kamailio.settings import KamailioSet as KamailioSet
 from balancer.kamailio.settings import parse_kamailio
+from balancer.web.settings import ENV_HTTP_TOKEN as ENV_HTTP_TOKEN  # [http]: beside the server
+from balancer.web.settings import HttpConfig as HttpConfig
+from balancer.web.settings import parse_http
 
 DEFAULT_CONFIG_PATH = Path("/etc/vici-balancer.toml")
 DEFAULT_ASTGUICLIENT_PATH = Path("/etc/astguiclient.conf")
@@ -172,11 +175,6 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
-class MetricsConfig:
-    listen: HostPort | None = None
-
-
-@dataclass(frozen=True)
 class LogConfig:
     level: str = "INFO"
     format: str = "text"  # or "json"
@@ -195,7 +193,7 @@ class Config:
     carriers: tuple[CarrierConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     routing: RoutingConfig = field(default_factory=RoutingConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
     kamailio: KamailioConfig | None = None  # None: no [kamailio] section
     path: str | None = None
@@ -467,14 +465,6 @@ def _routing(section: _Section) -> RoutingConfig:
     return config
 
 
-def _optional_listen(key: str, value: Any) -> HostPort | None:
-    """A listen address, or None for "" (off). Any address: keep it on loopback or a private
-    management network, the metrics carry no secrets but do map the cluster."""
-    if value == "":
-        return None
-    return parse_host_port(key, value)
-
-
 # --------------------------------------------------------------------------- entry points
 
 
@@ -505,9 +495,7 @@ def config_from_dict(
     )
     redis_section.done()
 
-    metrics_section = root.table("metrics")
-    metrics = MetricsConfig(listen=metrics_section.get("listen", None, _optional_listen))
-    metrics_section.done()
+    http = parse_http(root.table("http"), root.table("metrics"), env)
 
     log_section = root.table("log")
     log = LogConfig(
@@ -528,7 +516,7 @@ def config_from_dict(
         carriers=carriers,
         routes=root.get("routes", (), lambda _k, v: _routes(v, carriers)),
         routing=_routing(root.table("routing")),
-        metrics=metrics,
+        http=http,
         log=log,
         kamailio=parse_kamailio(root.table("kamailio")) if "kamailio" in data else None,
         path=path,

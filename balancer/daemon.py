@@ -35,11 +35,11 @@ from balancer.kamailio.sync import KamailioSync
 from balancer.live.registry import Registry, WatchedServer, trunk_names
 from balancer.live.tracker import TRACKED_EVENTS, Classifier, Tracker
 from balancer.ops.metrics import KAMAILIO_LAG_BUCKETS_S, CycleStats, Histogram
-from balancer.ops.metrics_http import MetricsServer
 from balancer.store.base import Health, ServerMeta, StateStore
 from balancer.store.factory import open_store
 from balancer.store.keys import BALANCE_SUMMARY
 from balancer.store.memory import MemoryStore
+from balancer.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class Daemon:
         self.last_cycle: CycleResult | None = None
         self.keeper: LoginFlagKeeper | None = None
         self.cycle_stats = CycleStats()
-        self.metrics: MetricsServer | None = None
+        self.http: WebServer | None = None  # metrics, status API and dashboard
         self.reloads = 0
         # [kamailio]: the dispatcher follows the live view (reads the store, like status).
         self.kamailio: KamailioSync | None = None
@@ -157,9 +157,14 @@ class Daemon:
             "memory://" if self.config.redis.is_memory else self.config.redis.url.split("@")[-1],
         )
         try:
-            if self.config.metrics.listen is not None:
-                self.metrics = MetricsServer(self.config.metrics.listen)
-                await self.metrics.start(self)
+            if self.config.http.listen is not None:
+                # Its own DB connection (for the decision log): the dashboard never queues
+                # behind the registry refresh or a cycle's writes.
+                db = self.config.database
+                self.http = WebServer(
+                    self.config.http, db=DbWorker(db.url, db.connect_timeout_s)
+                )
+                await self.http.start(self)
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.tracker.run_flusher(stop), name="flusher")
                 group.create_task(self._registry_loop(stop), name="registry")
@@ -233,9 +238,9 @@ class Daemon:
         if new.database != self.config.database:
             notes.append("[database] changes need a restart; the running settings are kept")
             new = replace(new, database=self.config.database)
-        if new.metrics != self.config.metrics:
-            notes.append("[metrics] changes need a restart; the running listener is kept")
-            new = replace(new, metrics=self.config.metrics)
+        if new.http != self.config.http:
+            notes.append("[http] changes need a restart; the running listener is kept")
+            new = replace(new, http=self.config.http)
         if new.redis != self.config.redis:
             notes.append("[redis] changes need a restart; the running settings are kept")
             new = replace(new, redis=self.config.redis)
@@ -262,8 +267,8 @@ class Daemon:
         return notes
 
     async def _shutdown(self) -> None:
-        if self.metrics is not None:
-            await self.metrics.close()
+        if self.http is not None:
+            await self.http.close()
         # Order: deciding stopped with the balance task (the TaskGroup above); the transaction
         # in flight finishes on its worker thread; the lease was released by the leader task;
         # then AMI sessions close and the rest is flushed.

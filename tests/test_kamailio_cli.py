@@ -127,7 +127,7 @@ async def test_kamailio_command_status_check_and_metrics(
         assert code == 1 and not json.loads(out)["endpoints"][1]["reachable"]
 
         # Prometheus: publishes, failures and lag per endpoint.
-        text = await render(r.daemon)
+        text = (await render(r.daemon)).decode()
         assert 'vici_balancer_kamailio_endpoint_up{endpoint="kam1"} 1' in text
         assert 'vici_balancer_kamailio_publishes_total{endpoint="kam1",kind="state"}' in text
         assert 'vici_balancer_kamailio_publish_failures_total{endpoint="kam1"} 0' in text

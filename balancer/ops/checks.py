@@ -63,7 +63,10 @@ def check_config(config: Config) -> CheckResult:
     """The configuration loaded and validated (the CLI exits 2 before this when it did not)."""
     where = config.path or "built-in defaults (no config file)"
     store = "memory://" if config.redis.is_memory else "redis"
-    metrics = f"metrics on {config.metrics.listen}" if config.metrics.listen else "no metrics"
+    http = config.http
+    metrics = f"http on {http.listen}" if http.listen else "no http server"
+    if http.listen and http.token:
+        metrics += f" (token from {http.token_source})"
     return CheckResult(
         "config",
         True,

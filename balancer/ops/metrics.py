@@ -1,20 +1,23 @@
-"""Prometheus metrics: a dependency-free text exposition (format 0.0.4) over a tiny HTTP server.
+"""Prometheus metrics through the official client: a collector over the daemon's live objects.
 
 Pull model: nothing on the hot paths counts for us. At scrape time `render(source)` reads the
 daemon's live objects through `MetricsSource` (a protocol the daemon satisfies; this module never
-imports the daemon) (tracker, fabric sessions, leadership, the balance cycle's counters) and,
-for line counts, the state store. The two things that cannot be read back later are recorded as
-they happen by small objects defined here: `CycleStats` (the balance cycle's durations and calls
-placed, fed one `CycleResult` per cycle by the daemon) and `EventRate` (a rolling events/s
-sampled by the metrics server itself).
+imports the daemon): tracker, fabric sessions, leadership, the balance cycle's counters and, for
+line counts, the state store; `DaemonCollector` turns them into prometheus_client metric
+families and `generate_latest` writes the text format. The two things that cannot be read back
+later are recorded as they happen by small objects defined here: `CycleStats` (the balance
+cycle's durations and calls placed, fed one `CycleResult` per cycle by the daemon) and
+`EventRate` (a rolling events/s sampled by the HTTP server).
 
 Optional inputs found on the daemon with getattr, so this module works before they exist:
   daemon.cycle_stats    a CycleStats the balance loop feeds (`cycle_stats.observe(result)`)
   daemon.carrier_health anything with ``states() -> Iterable[(carrier_id, server_ip | None,
                         state)]``; state is one of BREAKER_STATES (others are shown as given).
                         Without it no breaker metrics are rendered.
+  daemon.kamailio       a KamailioSync ([kamailio]); its publishers give the kamailio_* families
+  daemon.kamailio_lag   a Histogram of the publish lag to Kamailio
 
-The HTTP side lives in `balancer/ops/metrics_http.py`.
+The HTTP side is `balancer/web/server.py`.
 """
 
 from __future__ import annotations
@@ -24,8 +27,17 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 from balancer import __version__
 from balancer.errors import BalancerError
@@ -42,7 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "vici_balancer_"
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes
 # Upper bounds (seconds) of the cycle-duration histogram: a cycle is a few SQL round trips plus
 # the calls it places at the CPS pace, so from milliseconds to tens of seconds.
 CYCLE_BUCKETS_S: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -54,7 +66,7 @@ KAMAILIO_LAG_BUCKETS_S: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 STORE_READ_TIMEOUT_S = 2.0
 
 Labels = Mapping[str, str]
-Sample = tuple[str, Labels, float]  # (full metric name, labels, value)
+Sample = tuple[Labels, float]  # (labels, value) of one sample of a family
 
 
 # --------------------------------------------------------------------------- what is read
@@ -194,77 +206,14 @@ class EventRate:
 # --------------------------------------------------------------------------- exposition
 
 
-def escape_label(value: str) -> str:
-    """A label value as the text format wants it: backslash, double quote and newline escaped."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def bucket_bound(bound: float) -> str:
+    """A histogram bucket's ``le`` label as this exporter has always written it ("1", "0.25")."""
+    if math.isinf(bound):
+        return "+Inf"
+    return str(int(bound)) if bound.is_integer() else repr(bound)
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def format_value(value: float) -> str:
-    """A sample value: integers without a fraction, +Inf/-Inf/NaN spelled as Prometheus does."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
-
-def _labels(labels: Labels) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{key}="{escape_label(str(value))}"' for key, value in labels.items())
-    return "{" + inner + "}"
-
-
-class Exposition:
-    """Collects metric families and renders them in the text format, families in insertion order."""
-
-    def __init__(self, prefix: str = PREFIX) -> None:
-        self.prefix = prefix
-        self._lines: list[str] = []
-
-    def family(
-        self, name: str, kind: str, help_text: str, samples: Iterable[tuple[Labels, float]]
-    ) -> None:
-        """One gauge or counter family; rendered only when it has samples."""
-        full = self.prefix + name
-        self.samples(full, kind, help_text, ((full, labels, value) for labels, value in samples))
-
-    def samples(self, full: str, kind: str, help_text: str, samples: Iterable[Sample]) -> None:
-        """A family whose samples carry their own names (histogram _bucket/_sum/_count)."""
-        body = [f"{name}{_labels(labels)} {format_value(value)}" for name, labels, value in samples]
-        if not body:
-            return
-        self._lines.append(f"# HELP {full} {_escape_help(help_text)}")
-        self._lines.append(f"# TYPE {full} {kind}")
-        self._lines.extend(body)
-
-    def histogram(self, name: str, help_text: str, histogram: Histogram, labels: Labels) -> None:
-        """A histogram family: cumulative buckets with le labels, then _sum and _count."""
-        full = self.prefix + name
-        rows: list[Sample] = [
-            (f"{full}_bucket", {**labels, "le": format_value(float(bound))}, float(count))
-            for bound, count in histogram.cumulative()
-        ]
-        rows.append((f"{full}_sum", labels, histogram.sum))
-        rows.append((f"{full}_count", labels, float(histogram.count)))
-        self.samples(full, "histogram", help_text, rows)
-
-    def text(self) -> str:
-        """The whole exposition, newline-terminated."""
-        return "\n".join(self._lines) + "\n" if self._lines else ""
-
-
-async def _store_states(daemon: MetricsSource) -> dict[str, ServerState] | None:
+async def read_states(daemon: MetricsSource) -> dict[str, ServerState] | None:
     """The store's view of every server, or None when the store does not answer in time."""
     try:
         states = await asyncio.wait_for(daemon.store.servers(), STORE_READ_TIMEOUT_S)
@@ -274,225 +223,217 @@ async def _store_states(daemon: MetricsSource) -> dict[str, ServerState] | None:
     return {state.server_ip: state for state in states}
 
 
-async def render(daemon: MetricsSource, events: EventRate | None = None) -> str:
-    """The exposition for one scrape, read from the daemon's live objects and its state store.
+class DaemonCollector(Collector):
+    """A prometheus_client collector over the daemon's live objects, read when it is collected.
 
-    Async because line counts live in the state store (Redis, or in process). ``events`` is the
-    rolling event rate kept by the metrics server; without it events/s is not rendered.
+    Line counts live in the state store, which can only be read with an await, while
+    ``collect()`` is synchronous: `render` reads them first and hands them over as ``states``.
     """
-    tracker, fabric = daemon.tracker, daemon.fabric
-    states = await _store_states(daemon)
-    out = Exposition()
-    now_wall, now_mono = time.time(), time.monotonic()
-    config = daemon.config
 
-    out.family("up", "gauge", "1 while the daemon serves.", [({}, 1)])
-    info = {
-        "version": __version__,
-        "name": daemon.name,
-        "store": "memory" if config.redis.is_memory else "redis",
-        "mode": config.balance.mode,
-    }
-    out.family("info", "gauge", "Build and runtime facts of this daemon (always 1).", [(info, 1)])
-    started = now_wall - (now_mono - daemon.counters.started_at)
-    out.family(
-        "start_time_seconds", "gauge", "When the daemon started (epoch seconds).", [({}, started)]
-    )
-    out.family(
-        "leader",
-        "gauge",
-        "1 while this daemon holds the leader lease (it places the calls), else 0.",
-        [({}, 1 if daemon.leadership.leading else 0)],
-    )
-    out.family(
-        "leadership_changes_total",
-        "counter",
-        "Times this daemon became or stopped being the leader.",
-        [({}, daemon.leadership.changes)],
-    )
-    out.family(
-        "state_store_up",
-        "gauge",
-        "1 when the state store answered this scrape, else 0 (line metrics are then absent).",
-        [({}, 0 if states is None else 1)],
-    )
-    out.family(
-        "servers_watched", "gauge", "Servers with an AMI session.", [({}, len(tracker.servers))]
-    )
+    def __init__(
+        self,
+        daemon: MetricsSource,
+        states: Mapping[str, ServerState] | None,
+        events: EventRate | None = None,
+    ) -> None:
+        self.daemon = daemon
+        self.states = states
+        self.events = events
 
-    # ---------------------------------------------------------------- per server
-    servers = sorted(tracker.servers.items())
-    ids = {ip: {"server_ip": ip, "server_id": track.meta.server_id} for ip, track in servers}
-    lines: list[tuple[Labels, float]] = []
-    carrier_lines: list[tuple[Labels, float]] = []
-    drained: list[tuple[Labels, float]] = []
-    if states is not None:
-        for ip, _ in servers:
-            state = states.get(ip)
-            counts = state.counts if state is not None else {}
-            for cls in ChannelClass:
-                lines.append(({**ids[ip], "class": str(cls)}, counts.get(cls, 0)))
-            for carrier, n in sorted((state.carriers if state is not None else {}).items()):
-                carrier_lines.append(({**ids[ip], "carrier": carrier}, n))
-            drained.append((ids[ip], 1 if state is not None and state.drained else 0))
-    out.family("server_lines", "gauge", "Live channels on the server by class.", lines)
-    out.family(
-        "server_carrier_lines",
-        "gauge",
-        "Live trunk channels on the server by carrier.",
-        carrier_lines,
-    )
-    out.family(
-        "server_max_trunks",
-        "gauge",
-        "The server's max_vicidial_trunks.",
-        [(ids[ip], track.meta.max_trunks) for ip, track in servers],
-    )
-    out.family(
-        "server_health",
-        "gauge",
-        "1 for the server's current health state (up, suspect, down), 0 for the others.",
-        [
-            ({**ids[ip], "state": str(health)}, 1 if track.meta.health is health else 0)
-            for ip, track in servers
-            for health in HEALTH_STATES
-        ],
-    )
-    out.family("server_drained", "gauge", "1 while an operator has drained the server.", drained)
-    out.family(
-        "server_ami_rtt_seconds",
-        "gauge",
-        "Round trip of the last AMI heartbeat (Ping).",
-        [
-            (ids[ip], track.meta.rtt_ms / 1000.0)
-            for ip, track in servers
-            if track.meta.rtt_ms is not None
-        ],
-    )
-    sessions = fabric.sessions
-    out.family(
-        "server_ami_connected",
-        "gauge",
-        "1 while the AMI session is logged in.",
-        [(ids[ip], 1 if ip in sessions and sessions[ip].connected else 0) for ip, _ in servers],
-    )
-    out.family(
-        "server_ami_reconnects_total",
-        "counter",
-        "AMI reconnect attempts since the session started.",
-        [(ids[ip], sessions[ip].reconnects) for ip, _ in servers if ip in sessions],
-    )
-    out.family(
-        "server_events_total",
-        "counter",
-        "Tracked AMI events received from the server.",
-        [(ids[ip], track.events) for ip, track in servers],
-    )
-    out.family(
-        "server_last_event_age_seconds",
-        "gauge",
-        "Seconds since the last tracked event from the server.",
-        [
-            (ids[ip], max(0.0, now_wall - track.last_event_at))
-            for ip, track in servers
-            if track.last_event_at is not None
-        ],
-    )
+    def collect(self) -> Iterator[Metric]:
+        """Every family of one scrape; a family with no samples is left out."""
+        for family in self._families():
+            if family.samples:
+                yield family
 
-    # ---------------------------------------------------------------- ingest
-    out.family(
-        "events_total", "counter", "Tracked AMI events, all servers.", [({}, tracker.events_total)]
-    )
-    if events is not None:
-        events.sample(tracker.events_total)
-        out.family(
-            "events_per_second",
-            "gauge",
-            f"Tracked AMI events per second over the last {events.window_s:g}s.",
-            [({}, round(events.rate(), 3))],
+    def _families(self) -> Iterator[Metric]:
+        daemon, states = self.daemon, self.states
+        tracker, fabric, config = daemon.tracker, daemon.fabric, daemon.config
+        now_wall, now_mono = time.time(), time.monotonic()
+
+        yield _gauge("up", "1 while the daemon serves.", [({}, 1)])
+        info = {
+            "version": __version__,
+            "name": daemon.name,
+            "store": "memory" if config.redis.is_memory else "redis",
+            "mode": config.balance.mode,
+        }
+        yield _gauge("info", "Build and runtime facts of this daemon (always 1).", [(info, 1)])
+        started = now_wall - (now_mono - daemon.counters.started_at)
+        yield _gauge(
+            "start_time_seconds", "When the daemon started (epoch seconds).", [({}, started)]
         )
-    out.family(
-        "store_errors_total",
-        "counter",
-        "State store writes that failed (healed by the next snapshot).",
-        [({}, tracker.store_errors)],
-    )
-    counters = daemon.counters
-    out.family(
-        "snapshots_total",
-        "counter",
-        "CoreShowChannels snapshots by outcome.",
-        [
-            ({"outcome": "ok"}, counters.snapshots),
-            ({"outcome": "failed"}, counters.snapshot_failures),
-        ],
-    )
-    out.family(
-        "registry_refreshes_total",
-        "counter",
-        "Re-reads of the servers table by outcome.",
-        [
-            ({"outcome": "ok"}, counters.registry_refreshes),
-            ({"outcome": "failed"}, counters.registry_failures),
-        ],
-    )
-
-    # ---------------------------------------------------------------- balancing
-    cycle = daemon.cycle
-    if cycle is not None:
-        out.family("cycles_total", "counter", "Balance cycles started.", [({}, cycle.cycles)])
-    stats = getattr(daemon, "cycle_stats", None)
-    if isinstance(stats, CycleStats):
-        out.histogram(
-            "cycle_duration_seconds", "Duration of one balance cycle.", stats.durations, {}
+        yield _gauge(
+            "leader",
+            "1 while this daemon holds the leader lease (it places the calls), else 0.",
+            [({}, 1 if daemon.leadership.leading else 0)],
         )
-        out.family(
-            "calls_placed_total",
-            "counter",
-            "Balance calls placed (committed) by server and carrier.",
+        yield _counter(
+            "leadership_changes_total",
+            "Times this daemon became or stopped being the leader.",
+            [({}, daemon.leadership.changes)],
+        )
+        yield _gauge(
+            "state_store_up",
+            "1 when the state store answered this scrape, else 0 (line metrics are then absent).",
+            [({}, 0 if states is None else 1)],
+        )
+        yield _gauge(
+            "servers_watched", "Servers with an AMI session.", [({}, len(tracker.servers))]
+        )
+
+        # ---------------------------------------------------------------- per server
+        servers = sorted(tracker.servers.items())
+        ids = {ip: {"server_ip": ip, "server_id": track.meta.server_id} for ip, track in servers}
+        lines: list[Sample] = []
+        carrier_lines: list[Sample] = []
+        drained: list[Sample] = []
+        if states is not None:
+            for ip, _ in servers:
+                state = states.get(ip)
+                counts = state.counts if state is not None else {}
+                for cls in ChannelClass:
+                    lines.append(({**ids[ip], "class": str(cls)}, counts.get(cls, 0)))
+                for carrier, n in sorted((state.carriers if state is not None else {}).items()):
+                    carrier_lines.append(({**ids[ip], "carrier": carrier}, n))
+                drained.append((ids[ip], 1 if state is not None and state.drained else 0))
+        yield _gauge("server_lines", "Live channels on the server by class.", lines)
+        yield _gauge(
+            "server_carrier_lines", "Live trunk channels on the server by carrier.", carrier_lines
+        )
+        yield _gauge(
+            "server_max_trunks",
+            "The server's max_vicidial_trunks.",
+            [(ids[ip], track.meta.max_trunks) for ip, track in servers],
+        )
+        yield _gauge(
+            "server_health",
+            "1 for the server's current health state (up, suspect, down), 0 for the others.",
             [
-                ({"server_ip": ip, "carrier": carrier}, n)
-                for (ip, carrier), n in sorted(stats.placed.items())
+                ({**ids[ip], "state": str(health)}, 1 if track.meta.health is health else 0)
+                for ip, track in servers
+                for health in HEALTH_STATES
             ],
         )
-        out.family(
-            "call_errors_total",
-            "counter",
-            "Balance calls that failed and were rolled back.",
-            [({}, stats.call_errors)],
+        yield _gauge("server_drained", "1 while an operator has drained the server.", drained)
+        yield _gauge(
+            "server_ami_rtt_seconds",
+            "Round trip of the last AMI heartbeat (Ping).",
+            [
+                (ids[ip], track.meta.rtt_ms / 1000.0)
+                for ip, track in servers
+                if track.meta.rtt_ms is not None
+            ],
         )
-        if stats.last_cycle_at is not None:
-            out.family(
-                "last_cycle_timestamp_seconds",
-                "gauge",
-                "When the last balance cycle finished (epoch seconds).",
-                [({}, stats.last_cycle_at)],
+        sessions = fabric.sessions
+        yield _gauge(
+            "server_ami_connected",
+            "1 while the AMI session is logged in.",
+            [(ids[ip], 1 if ip in sessions and sessions[ip].connected else 0) for ip, _ in servers],
+        )
+        yield _counter(
+            "server_ami_reconnects_total",
+            "AMI reconnect attempts since the session started.",
+            [(ids[ip], sessions[ip].reconnects) for ip, _ in servers if ip in sessions],
+        )
+        yield _counter(
+            "server_events_total",
+            "Tracked AMI events received from the server.",
+            [(ids[ip], track.events) for ip, track in servers],
+        )
+        yield _gauge(
+            "server_last_event_age_seconds",
+            "Seconds since the last tracked event from the server.",
+            [
+                (ids[ip], max(0.0, now_wall - track.last_event_at))
+                for ip, track in servers
+                if track.last_event_at is not None
+            ],
+        )
+
+        # ---------------------------------------------------------------- ingest
+        yield _counter(
+            "events_total", "Tracked AMI events, all servers.", [({}, tracker.events_total)]
+        )
+        if self.events is not None:
+            self.events.sample(tracker.events_total)
+            yield _gauge(
+                "events_per_second",
+                f"Tracked AMI events per second over the last {self.events.window_s:g}s.",
+                [({}, round(self.events.rate(), 3))],
             )
-    out.family(
-        "carrier_breaker_state",
-        "gauge",
-        "1 for each carrier breaker's current state (per server if it has one), 0 for others.",
-        _breaker_samples(getattr(daemon, "carrier_health", None)),
-    )
-    _kamailio_metrics(out, daemon)
-    return out.text()
+        yield _counter(
+            "store_errors_total",
+            "State store writes that failed (healed by the next snapshot).",
+            [({}, tracker.store_errors)],
+        )
+        counters = daemon.counters
+        yield _counter(
+            "snapshots_total",
+            "CoreShowChannels snapshots by outcome.",
+            [
+                ({"outcome": "ok"}, counters.snapshots),
+                ({"outcome": "failed"}, counters.snapshot_failures),
+            ],
+        )
+        yield _counter(
+            "registry_refreshes_total",
+            "Re-reads of the servers table by outcome.",
+            [
+                ({"outcome": "ok"}, counters.registry_refreshes),
+                ({"outcome": "failed"}, counters.registry_failures),
+            ],
+        )
+
+        # ---------------------------------------------------------------- balancing
+        cycle = daemon.cycle
+        if cycle is not None:
+            yield _counter("cycles_total", "Balance cycles started.", [({}, cycle.cycles)])
+        stats = getattr(daemon, "cycle_stats", None)
+        if isinstance(stats, CycleStats):
+            yield _histogram(
+                "cycle_duration_seconds", "Duration of one balance cycle.", stats.durations
+            )
+            yield _counter(
+                "calls_placed_total",
+                "Balance calls placed (committed) by server and carrier.",
+                [
+                    ({"server_ip": ip, "carrier": carrier}, n)
+                    for (ip, carrier), n in sorted(stats.placed.items())
+                ],
+            )
+            yield _counter(
+                "call_errors_total",
+                "Balance calls that failed and were rolled back.",
+                [({}, stats.call_errors)],
+            )
+            if stats.last_cycle_at is not None:
+                yield _gauge(
+                    "last_cycle_timestamp_seconds",
+                    "When the last balance cycle finished (epoch seconds).",
+                    [({}, stats.last_cycle_at)],
+                )
+        yield _gauge(
+            "carrier_breaker_state",
+            "1 for each carrier breaker's current state (per server if it has one), 0 for others.",
+            _breaker_samples(getattr(daemon, "carrier_health", None)),
+        )
+        yield from _kamailio_families(daemon)
 
 
-def _kamailio_metrics(out: Exposition, daemon: MetricsSource) -> None:
+def _kamailio_families(daemon: MetricsSource) -> Iterator[Metric]:
     """[kamailio] publishing, per endpoint (absent without the section). Reads the daemon's
     ``kamailio`` (a KamailioSync) and ``kamailio_lag`` (a Histogram) found with getattr."""
     sync = getattr(daemon, "kamailio", None)
     publishers = getattr(sync, "publishers", None) or []
     rows = [({"endpoint": p.endpoint.name}, p) for p in publishers]
-    out.family(
+    yield _gauge(
         "kamailio_endpoint_up",
-        "gauge",
         "1 when the last publish to this Kamailio's RPC endpoint succeeded, else 0.",
         [(labels, 1 if p.reachable else 0) for labels, p in rows],
     )
-    out.family(
+    yield _counter(
         "kamailio_publishes_total",
-        "counter",
         "Changes published to Kamailio, by kind (state: dispatcher.set_duid_state; reload).",
         [
             sample
@@ -503,35 +444,67 @@ def _kamailio_metrics(out: Exposition, daemon: MetricsSource) -> None:
             )
         ],
     )
-    out.family(
+    yield _counter(
         "kamailio_publish_failures_total",
-        "counter",
         "Publish passes that failed (endpoint unreachable, slow or refusing).",
         [(labels, p.stats.failures) for labels, p in rows],
     )
-    out.family(
+    yield _counter(
         "kamailio_reloads_deferred_total",
-        "counter",
         "Reloads postponed by kamailio.max_reloads_per_minute or refused by reload_delta.",
         [(labels, p.stats.reloads_deferred) for labels, p in rows],
     )
-    out.family(
+    yield _gauge(
         "kamailio_last_publish_timestamp_seconds",
-        "gauge",
         "When a change was last published to this Kamailio (epoch seconds).",
         [(labels, p.stats.last_publish_at) for labels, p in rows if p.stats.last_publish_at],
     )
     lag = getattr(daemon, "kamailio_lag", None)
     if rows and isinstance(lag, Histogram):
-        out.histogram(
+        yield _histogram(
             "kamailio_publish_lag_seconds",
             "From the balancer seeing a destination's state change to Kamailio acknowledging it.",
             lag,
-            {},
         )
 
 
-def _breaker_samples(health: Any) -> list[tuple[Labels, float]]:
+def _histogram(name: str, help_text: str, hist: Histogram) -> Metric:
+    return HistogramMetricFamily(
+        PREFIX + name,
+        help_text,
+        buckets=[(bucket_bound(b), float(n)) for b, n in hist.cumulative()],
+        sum_value=hist.sum,
+    )
+
+
+def _gauge(name: str, help_text: str, samples: Iterable[Sample]) -> Metric:
+    return _with_samples(GaugeMetricFamily(PREFIX + name, help_text, labels=()), samples)
+
+
+def _counter(name: str, help_text: str, samples: Iterable[Sample]) -> Metric:
+    return _with_samples(CounterMetricFamily(PREFIX + name, help_text, labels=()), samples)
+
+
+def _with_samples(family: Metric, samples: Iterable[Sample]) -> Metric:
+    """Add samples with their own label sets (prometheus_client's families fix the label names
+    at creation; ours vary per family, so each sample is added as a Sample directly)."""
+    sample_name = family.name + ("_total" if family.type == "counter" else "")
+    for labels, value in samples:
+        family.add_sample(sample_name, dict(labels), float(value))
+    return family
+
+
+async def render(daemon: MetricsSource, events: EventRate | None = None) -> bytes:
+    """The text exposition of one scrape, read from the daemon's live objects and its store.
+
+    Async because line counts live in the state store (Redis, or in process). ``events`` is the
+    rolling event rate kept by the HTTP server; without it events/s is not rendered.
+    """
+    states = await read_states(daemon)
+    return generate_latest(DaemonCollector(daemon, states, events))
+
+
+def _breaker_samples(health: Any) -> list[Sample]:
     """Samples from a carrier-health object's ``states()``; none when absent or broken."""
     states_fn = getattr(health, "states", None)
     if not callable(states_fn):
@@ -544,7 +517,7 @@ def _breaker_samples(health: Any) -> list[tuple[Labels, float]]:
     except Exception:  # carrier health is someone else's code: a scrape must not fail on it
         log.exception("metrics: carrier_health.states() failed")
         return []
-    samples: list[tuple[Labels, float]] = []
+    samples: list[Sample] = []
     for carrier, server_ip, current in rows:
         known = BREAKER_STATES if current in BREAKER_STATES else (*BREAKER_STATES, current)
         for state in known:

@@ -1,0 +1,1 @@
+"""The daemon's HTTP side: /metrics, /api/status, the dashboard's event stream and its page."""
