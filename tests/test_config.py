@@ -219,6 +219,19 @@ def test_cli_bad_route_exits_2_naming_it(tmp_path: Path) -> None:
         ({"routing": {"bypass_balance_calls": "no"}}, "routing.bypass_balance_calls"),
         ({"routing": {"probes": 2}}, "routing.probes"),
         ({"metrics": {"listen": "9108"}}, "metrics.listen"),
+        ({"metrics": {"port": 9108}}, "metrics.port"),
+        ({"http": {"listen": "9108"}}, "http.listen"),
+        ({"http": {"listen": "0.0.0.0:9108"}}, "http.token"),
+        ({"http": {"listen": "[::]:9108"}}, "http.token"),
+        ({"http": {"listen": "dash.example.com:9108"}}, "http.token"),
+        ({"metrics": {"listen": "0.0.0.0:9108"}}, "http.token"),
+        ({"http": {"listen": "0.0.0.0:9108", "token": "short"}}, "http.token"),
+        ({"http": {"token": ""}}, "http.token"),
+        ({"http": {"listn": "127.0.0.1:9108"}}, "http.listn"),
+        (
+            {"http": {"listen": "127.0.0.1:9108"}, "metrics": {"listen": "127.0.0.1:9109"}},
+            "metrics.listen",
+        ),
         ({"log": {"level": "LOUD"}}, "log.level"),
         ({"log": {"format": "xml"}}, "log.format"),
         ({"bogus": {}}, "bogus"),
@@ -247,6 +260,46 @@ def test_bad_database_urls(url: str) -> None:
         build({"database": {"url": url}})
     assert str(info.value).startswith("database.url:")
     assert ":p@" not in str(info.value)
+
+
+def test_http_defaults_off_and_loopback_needs_no_token() -> None:
+    config = build(DB)
+    assert config.http.listen is None and config.http.token is None
+    for host in ("127.0.0.1", "127.0.0.53", "localhost", "[::1]"):
+        http = build({**DB, "http": {"listen": f"{host}:9108"}}).http
+        assert http.loopback and http.listen_key == "http.listen", host
+        assert http.listen is not None and http.listen.port == 9108
+
+
+def test_metrics_listen_still_works_as_http_listen() -> None:
+    http = build({**DB, "metrics": {"listen": "127.0.0.1:9108"}}).http
+    assert http.listen == HostPort("127.0.0.1", 9108)
+    assert http.listen_key == "metrics.listen"
+    assert build({**DB, "metrics": {"listen": ""}}).http.listen is None
+
+
+def test_http_token_from_config_or_environment_never_shown() -> None:
+    secret = "s3cret-token-0123456789"
+    config = build({**DB, "http": {"listen": "0.0.0.0:9108", "token": secret}})
+    assert config.http.token == secret and config.http.token_source == "http.token"
+    assert not config.http.loopback
+    assert secret not in repr(config)
+    env_secret = "from-the-environment-42"
+    config = build(
+        {**DB, "http": {"listen": "10.0.0.5:9108"}}, {"VICI_BALANCER_HTTP_TOKEN": env_secret}
+    )
+    assert config.http.token == env_secret
+    assert config.http.token_source == "VICI_BALANCER_HTTP_TOKEN"
+
+
+def test_cli_non_loopback_http_without_token_refuses_to_start(tmp_path: Path) -> None:
+    path = tmp_path / "open.toml"
+    path.write_text(
+        '[database]\nurl = "mysql://u:p@127.0.0.1/db"\n[http]\nlisten = "0.0.0.0:9108"\n'
+    )
+    result = run_cli(["--config", str(path), "run"])
+    assert result.exit_code == 2
+    assert "http.token" in result.output and "not a loopback address" in result.output
 
 
 def test_database_url_password_masked() -> None:

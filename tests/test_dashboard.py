@@ -27,7 +27,9 @@ import pytest_asyncio
 from browser import chromium, js, until
 from conftest import execute
 from prometheus_client.parser import text_string_to_metric_families
+from selenium.webdriver.common.by import By
 from tracking_helpers import eventually, health_is, make_config, running
+from web_helpers import daemon_with, put_server
 
 from balancer.carriers.routing import BreakerState
 from balancer.config import (
@@ -47,6 +49,8 @@ from balancer.sim.seed import SeedCampaign, SeedServer, seed_campaigns, seed_ser
 from balancer.sim.sender import CommandSender
 from balancer.sim.server import SimAsterisk
 from balancer.store.base import Health
+from balancer.store.memory import MemoryStore
+from balancer.web.server import WebServer
 
 IPS = ("10.30.0.1", "10.30.0.2", "10.30.0.3")
 SHORT, S2, S3 = IPS  # SHORT reports the shortage, so the balance calls go to S2 and S3
@@ -214,8 +218,8 @@ async def test_the_page_follows_the_cluster_without_a_reload(
                 ip for ip in IPS if daemon.carrier_health.state("alpha", ip) is BreakerState.OPEN
             )
             chip = (
-                f"const c = document.querySelector('#carriers tr[data-carrier=\"alpha\"]"
-                f" .chip[data-server=\"{opened}\"]');"
+                f'const c = document.querySelector(\'#carriers tr[data-carrier="alpha"]'
+                f' .chip[data-server="{opened}"]\');'
                 " return !!c && c.dataset.state === 'open' && c.textContent.includes('OPEN')"
             )
             await until(driver, chip, f"alpha's breaker OPEN on {opened}")
@@ -302,3 +306,45 @@ async def test_the_page_follows_the_cluster_without_a_reload(
     keep = os.environ.get(SCREENSHOT_ENV)
     if keep:
         shutil.copyfile(shot, keep)
+
+
+async def test_fifty_servers_behind_a_token(tmp_path: Path) -> None:
+    """50 servers stay usable (no sideways scrolling, filter, sort), and the token opens the page
+    once through the address bar, then travels as a cookie with the page and its stream."""
+    store = MemoryStore(60)
+    daemon = await daemon_with(store, 50)
+    await put_server(store, "10.40.0.17", 17, trunks=2, health=Health.DOWN)
+    token = "dashboard-token-0123456789"
+    server = WebServer(HttpConfig(listen=HostPort("127.0.0.1", 0), token=token))
+    await server.start(daemon)
+    try:
+        with chromium(tmp_path / "profile") as driver:
+            await asyncio.to_thread(driver.get, server.url)
+            assert "token is required" in await js(driver, "return document.body.innerText")
+            await asyncio.to_thread(driver.get, server.url + f"?token={token}")
+            assert await js(driver, "return location.href") == server.url  # token gone
+            count = "return document.querySelectorAll('#servers tr[data-server-ip]').length"
+            await until(driver, f"{count} === 50", "50 server rows")
+            await until(
+                driver, "return document.getElementById('stream').textContent === 'live'", "live"
+            )
+            # problems first: the DOWN server heads the list
+            first = "return document.querySelector('#servers tr[data-server-ip]').dataset.serverIp"
+            assert await js(driver, first) == "10.40.0.17"
+            overflow = "return document.documentElement.scrollWidth - window.innerWidth"
+            assert await js(driver, overflow) <= 0, "the page scrolls sideways at 1360 px"
+            await asyncio.to_thread(driver.find_element(By.ID, "filter").send_keys, "10.40.0.4")
+            visible = (
+                "return [...document.querySelectorAll('#servers tr[data-server-ip]')]"
+                ".filter(r => !r.hidden).map(r => r.dataset.serverIp)"
+            )
+            shown = await js(driver, visible)
+            assert sorted(shown) == ["10.40.0.4", *(f"10.40.0.{n}" for n in range(40, 50))]
+            await js(
+                driver,
+                "const s = document.getElementById('sort');"
+                " s.value = 'load'; s.dispatchEvent(new Event('change'))",
+            )
+            assert (await js(driver, visible))[0] == "10.40.0.49"  # the most lines first
+    finally:
+        await server.close()

@@ -1,7 +1,7 @@
 """Prometheus metrics: a daemon tracking simulated servers into real Redis, scraped over real HTTP.
 
-The exposition is parsed by a small parser written here (HELP/TYPE/sample lines, escaped label
-values), so the tests check the text format itself, not substrings of it.
+The exposition is read back with prometheus_client's own text parser (what Prometheus-compatible
+tooling reads), so the tests check the format, not substrings of it.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
 from tracking_helpers import eventually, health_is, make_config, running, seed_phones, seed_server
 
 from balancer.balance.executor import ExecutionReport
-from balancer.config import HostPort
+from balancer.config import HostPort, HttpConfig
 from balancer.daemon import Daemon
 from balancer.db.calls import CallResult
 from balancer.db.connection import Connection
@@ -30,28 +31,26 @@ from balancer.ops.metrics import (
     CONTENT_TYPE,
     EventRate,
     Histogram,
-    escape_label,
-    format_value,
+    bucket_bound,
     render,
 )
-from balancer.ops.metrics_http import MetricsServer
 from balancer.sim.server import SimAsterisk
 from balancer.store.base import Health, ServerMeta
 from balancer.store.memory import MemoryStore
 from balancer.store.redis import RedisStore
+from balancer.web.server import WebServer
 
 NO_DB = DatabaseUrl("127.0.0.1", 3306, "x", "x")
 P = "vici_balancer_"
 
-# --------------------------------------------------------------------------- a parser
+# --------------------------------------------------------------------------- reading it back
 
 
 @dataclass
 class Family:
-    name: str
-    kind: str = ""
-    help: str = ""
-    samples: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
+    name: str  # as exposed: counters keep their _total
+    kind: str
+    samples: list[tuple[str, dict[str, str], float]]
 
     def value(self, **labels: str) -> float:
         """The one sample whose labels include ``labels``."""
@@ -60,81 +59,22 @@ class Family:
         return found[0]
 
 
-def _unescape(text: str) -> str:
-    out, i = [], 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            nxt = text[i + 1]
-            assert nxt in '\\"n', f"bad escape \\{nxt} in {text!r}"
-            out.append("\n" if nxt == "n" else nxt)
-            i += 2
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
-def _parse_labels(text: str) -> tuple[dict[str, str], str]:
-    """Labels from just after '{'; returns them and the rest of the line after '}'."""
-    labels: dict[str, str] = {}
-    i = 0
-    while True:
-        if text[i] == "}":
-            return labels, text[i + 1 :]
-        eq = text.index("=", i)
-        name = text[i:eq]
-        assert name.isidentifier(), f"bad label name {name!r}"
-        assert text[eq + 1] == '"', f"label {name}: value not quoted"
-        j = eq + 2
-        while text[j] != '"':
-            j += 2 if text[j] == "\\" else 1
-        assert name not in labels, f"label {name} twice"
-        labels[name] = _unescape(text[eq + 2 : j])
-        i = j + 1
-        if text[i] == ",":
-            i += 1
-
-
 def parse(text: str) -> dict[str, Family]:
-    """Families by name; asserts the format's rules (HELP+TYPE before samples, names, values)."""
-    assert text.endswith("\n")
+    """Families by their exposed name, from prometheus_client's parser; checks our naming."""
     families: dict[str, Family] = {}
-    current: Family | None = None
-    for line in text.splitlines():
-        if line.startswith("# HELP ") or line.startswith("# TYPE "):
-            _, what, name, rest = line.split(" ", 3)
-            family = families.setdefault(name, Family(name))
-            if what == "HELP":
-                assert not family.help and not family.samples, f"{name}: HELP twice or late"
-                family.help = rest
+    for family in text_string_to_metric_families(text):
+        # The parser strips a counter's _total from the family name (OpenMetrics style).
+        name = family.name + "_total" if family.type == "counter" else family.name
+        assert name.startswith(P), name
+        assert family.documentation, f"{name}: no HELP"
+        assert name not in families, f"{name} twice"
+        samples = [(s.name, dict(s.labels), float(s.value)) for s in family.samples]
+        for sample_name, _, _ in samples:
+            if family.type == "histogram":
+                assert sample_name in {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
             else:
-                assert not family.kind and not family.samples, f"{name}: TYPE twice or late"
-                assert rest in ("gauge", "counter", "histogram", "summary", "untyped")
-                family.kind = rest
-            current = family
-            continue
-        assert line and not line.startswith("#"), f"unexpected line {line!r}"
-        brace = line.find("{")
-        space = line.find(" ")
-        if brace != -1 and brace < space:
-            name = line[:brace]
-            labels, rest = _parse_labels(line[brace + 1 :])
-        else:
-            name, rest, labels = line[:space], line[space:], {}
-        value_text = rest.strip().split(" ")[0]
-        value = float(value_text.replace("+Inf", "inf"))
-        assert current is not None, f"sample before any TYPE: {line}"
-        allowed = {current.name}
-        if current.kind == "histogram":
-            allowed = {f"{current.name}_bucket", f"{current.name}_sum", f"{current.name}_count"}
-        assert name in allowed, f"sample {name} inside family {current.name}"
-        current.samples.append((name, labels, value))
-    for family in families.values():
-        assert family.name.startswith(P), family.name
-        assert family.help and family.kind, f"{family.name}: no HELP or TYPE"
-        if family.kind == "counter":
-            assert family.name.endswith("_total"), family.name
+                assert sample_name == name, (sample_name, name)
+        families[name] = Family(name, family.type, samples)
     return families
 
 
@@ -173,7 +113,8 @@ async def http(port: int, raw: bytes, timeout: float = 5.0, eof: bool = False) -
 
 
 async def get(port: int, path: str = "/metrics") -> Reply:
-    reply = await http(port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    reply = await http(port, request.encode())
     assert reply is not None
     return reply
 
@@ -229,7 +170,7 @@ async def test_scrape_tracking_daemon_over_http(
     breakers = FakeCarrierHealth()
     # The real engine stays wired in; only the breaker states metrics read are scripted.
     daemon.carrier_health.states = breakers.states  # type: ignore[method-assign]
-    server = MetricsServer(HostPort("127.0.0.1", 0), sample_interval_s=0.05)
+    server = WebServer(HttpConfig(listen=HostPort("127.0.0.1", 0)), sample_interval_s=0.05)
     async with running(daemon):
         await server.start(daemon)
         try:
@@ -336,25 +277,30 @@ async def test_scrape_tracking_daemon_over_http(
 
 
 @pytest_asyncio.fixture
-async def idle_server() -> AsyncIterator[tuple[Daemon, MetricsServer]]:
-    """A metrics server over a daemon that is not serving (no database needed)."""
+async def idle_server() -> AsyncIterator[tuple[Daemon, WebServer]]:
+    """An HTTP server over a daemon that is not serving (no database needed)."""
     daemon = Daemon(make_config(NO_DB), store=MemoryStore())
-    server = MetricsServer(HostPort("127.0.0.1", 0), max_request_bytes=1024, request_timeout_s=1)
+    http_config = HttpConfig(listen=HostPort("127.0.0.1", 0))
+    server = WebServer(http_config, max_request_bytes=1024, request_timeout_s=1)
     await server.start(daemon)
     yield daemon, server
     await server.close()
 
 
 async def test_other_paths_404_other_methods_405(
-    idle_server: tuple[Daemon, MetricsServer],
+    idle_server: tuple[Daemon, WebServer],
 ) -> None:
     _, server = idle_server
-    for path in ("/", "/metricsx", "/favicon.ico", "/metrics/"):
+    for path in ("/metricsx", "/favicon.ico", "/metrics/", "/static/../server.py", "/api"):
         reply = await get(server.port, path)
         assert reply.status == 404, path
-    post = await http(server.port, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
-    assert post is not None and post.status == 405 and post.headers["allow"] == "GET, HEAD"
-    head = await http(server.port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+    close = "Host: 127.0.0.1\r\nConnection: close\r\n"
+    post = await http(
+        server.port, f"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n{close}\r\n".encode()
+    )
+    assert post is not None and post.status == 405
+    assert set(post.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}
+    head = await http(server.port, f"HEAD /metrics HTTP/1.1\r\n{close}\r\n".encode())
     assert head is not None and head.status == 200 and head.body == ""
     assert int(head.headers["content-length"]) > 0
     query = await get(server.port, "/metrics?name[]=x")
@@ -362,7 +308,7 @@ async def test_other_paths_404_other_methods_405(
 
 
 async def test_garbage_and_stalled_clients_do_not_kill_the_server(
-    idle_server: tuple[Daemon, MetricsServer],
+    idle_server: tuple[Daemon, WebServer],
 ) -> None:
     _, server = idle_server
     stalled = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
@@ -370,7 +316,7 @@ async def test_garbage_and_stalled_clients_do_not_kill_the_server(
     garbage = await http(server.port, b"\x00\xff\xfe nonsense\r\n\r\n")
     assert garbage is not None and garbage.status == 400
     oversized = await http(server.port, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 5000)
-    assert oversized is None or oversized.status == 431
+    assert oversized is None or oversized.status in (400, 431)
     early_close = await http(
         server.port, b"GET /metrics HTT", eof=True
     )  # EOF before a whole request
@@ -385,11 +331,14 @@ async def test_garbage_and_stalled_clients_do_not_kill_the_server(
     assert server.scrapes >= 2
 
 
-async def test_busy_port_names_metrics_listen(idle_server: tuple[Daemon, MetricsServer]) -> None:
+async def test_busy_port_names_the_listen_key(idle_server: tuple[Daemon, WebServer]) -> None:
     daemon, server = idle_server
-    other = MetricsServer(HostPort("127.0.0.1", server.port))
-    with pytest.raises(BalancerError, match=rf"metrics\.listen 127\.0\.0\.1:{server.port}"):
-        await other.start(daemon)
+    taken = HostPort("127.0.0.1", server.port)
+    for key in ("http.listen", "metrics.listen"):
+        other = WebServer(HttpConfig(listen=taken, listen_key=key))
+        with pytest.raises(BalancerError, match=rf"{key} 127\.0\.0\.1:{server.port}"):
+            await other.start(daemon)
+        await other.close()
 
 
 async def test_store_down_still_answers_without_line_metrics() -> None:
@@ -397,7 +346,7 @@ async def test_store_down_still_answers_without_line_metrics() -> None:
     daemon = Daemon(make_config(NO_DB), store=store)
     daemon.tracker.add_server("10.10.0.9", ServerMeta(server_id="ast9", max_trunks=5))
     try:
-        families = parse(await render(daemon))
+        families = parse((await render(daemon)).decode())
     finally:
         await store.close()
     assert families[P + "state_store_up"].value() == 0
@@ -413,21 +362,20 @@ async def test_label_values_are_escaped() -> None:
     daemon = Daemon(make_config(NO_DB), store=MemoryStore())
     weird = 'a"b\\c\nd'
     daemon.tracker.add_server("10.10.0.7", ServerMeta(server_id=weird))
-    text = await render(daemon)
+    text = (await render(daemon)).decode()
     assert 'server_id="a\\"b\\\\c\\nd"' in text
     families = parse(text)
     assert families[P + "server_lines"].value(server_id=weird, **{"class": "trunk"}) == 0
-    assert escape_label('x"\\\n') == 'x\\"\\\\\\n'
 
 
-def test_format_value() -> None:
-    assert format_value(3) == "3"
-    assert format_value(2.0) == "2"
-    assert format_value(0.25) == "0.25"
-    assert format_value(math.inf) == "+Inf"
-    assert format_value(-math.inf) == "-Inf"
-    assert format_value(math.nan) == "NaN"
-    assert format_value(True) == "1"
+def test_bucket_bounds_keep_their_spelling() -> None:
+    assert [bucket_bound(b) for b in (0.01, 0.25, 1.0, 60.0, math.inf)] == [
+        "0.01",
+        "0.25",
+        "1",
+        "60",
+        "+Inf",
+    ]
 
 
 def test_histogram_buckets_are_cumulative() -> None:
@@ -460,7 +408,7 @@ def test_event_rate_rolls_over_its_window() -> None:
 
 async def test_urllib_sees_404() -> None:
     daemon = Daemon(make_config(NO_DB), store=MemoryStore())
-    server = MetricsServer(HostPort("127.0.0.1", 0))
+    server = WebServer(HttpConfig(listen=HostPort("127.0.0.1", 0)))
     await server.start(daemon)
     try:
         url = f"http://127.0.0.1:{server.port}/nope"

@@ -33,6 +33,9 @@ from balancer.ops.metrics import CONTENT_TYPE, EventRate, MetricsSource, render
 from balancer.web.feed import Feed, status_document
 
 log = logging.getLogger(__name__)
+_QUIET = logging.getLogger(f"{__name__}.protocol")
+_QUIET.setLevel(logging.CRITICAL)
+_QUIET.propagate = False
 
 STATIC = Path(str(resources.files("balancer.web") / "static"))
 TOKEN_COOKIE = "vb_token"
@@ -59,12 +62,18 @@ class WebServer:
         http: HttpConfig,
         *,
         db: DbWorker | None = None,  # for the decision log; closed with the server
+        max_request_bytes: int = 8192,  # the request line, and each header line
+        request_timeout_s: float = 5.0,  # to send a whole request; for any answer but the stream
+        max_streams: int = 32,  # dashboard pages connected at once
         sample_interval_s: float = 1.0,
         rate_window_s: float = 10.0,
         feed_tick_s: float = 1.0,
     ) -> None:
         self.http = http
         self.db = db
+        self.max_request_bytes = max_request_bytes
+        self.request_timeout_s = request_timeout_s
+        self.max_streams = max_streams
         self.sample_interval_s = sample_interval_s
         self.feed_tick_s = feed_tick_s
         self.events = EventRate(rate_window_s)
@@ -102,12 +111,18 @@ class WebServer:
         runner = web.AppRunner(
             self._app(),
             access_log=None,  # a URL may carry ?token=; requests are not logged
+            # aiohttp logs every malformed request with a traceback: anyone who can reach the
+            # port could fill the log. They are answered 400; our own errors are logged below.
+            logger=_QUIET,
             handle_signals=False,
             shutdown_timeout=1.0,
-            keepalive_timeout=http.request_timeout_s,
-            max_line_size=http.max_request_bytes,
-            max_field_size=http.max_request_bytes,
+            keepalive_timeout=self.request_timeout_s,
+            max_line_size=self.max_request_bytes,
+            max_field_size=self.max_request_bytes,
             max_headers=64,
+            # A page that closes its stream is noticed at once (its handler is cancelled), not
+            # at the next write: the stream's slot is free again immediately.
+            handler_cancellation=True,
         )
         await runner.setup()
         site = web.TCPSite(runner, http.listen.host, http.listen.port, backlog=64)
@@ -162,7 +177,7 @@ class WebServer:
     def _app(self) -> web.Application:
         app = web.Application(
             middlewares=[self._guard],
-            client_max_size=self.http.max_request_bytes,
+            client_max_size=self.max_request_bytes,
         )
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._status)
@@ -196,10 +211,15 @@ class WebServer:
             response = await handler(request)
         else:
             try:
-                async with asyncio.timeout(http.request_timeout_s):
+                async with asyncio.timeout(self.request_timeout_s):
                     response = await handler(request)
             except TimeoutError:
                 raise web.HTTPServiceUnavailable(text="timed out\n") from None
+            except web.HTTPException:
+                raise
+            except Exception:
+                log.exception("http: %s %s failed", request.method, request.path)
+                raise web.HTTPInternalServerError(text="failed; see the daemon's log\n") from None
         if not response.prepared:
             response.headers.update(SECURITY_HEADERS)
         return response
@@ -211,13 +231,7 @@ class WebServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         daemon = self._source()
-        try:
-            body = await render(daemon, self.events)
-        except Exception:
-            log.exception("metrics: rendering failed")
-            raise web.HTTPInternalServerError(
-                text="rendering failed; see the daemon's log\n"
-            ) from None
+        body = await render(daemon, self.events)
         self.scrapes += 1
         response = web.Response(body=body)
         response.headers["Content-Type"] = CONTENT_TYPE  # as is: aiohttp would add a charset
@@ -239,7 +253,7 @@ class WebServer:
         self._source()
         assert self.feed is not None
         feed = self.feed
-        sub = feed.subscribe(self.http.max_streams)
+        sub = feed.subscribe(self.max_streams)
         if sub is None:
             raise web.HTTPServiceUnavailable(text="too many dashboard pages connected\n")
         response = web.StreamResponse(
@@ -250,7 +264,7 @@ class WebServer:
                 "X-Accel-Buffering": "no",  # a reverse proxy must not hold events back
             }
         )
-        write_timeout = self.http.request_timeout_s
+        write_timeout = self.request_timeout_s
         try:
             await response.prepare(request)
             await response.write(b"retry: 2000\n\n")

@@ -13,9 +13,7 @@ from typing import Any
 
 from balancer.config_values import (
     HostPort,
-    _int_min,
     _nonempty,
-    _positive_float,
     _Section,
     is_loopback,
     parse_host_port,
@@ -34,9 +32,6 @@ class HttpConfig:
     listen_key: str = "http.listen"  # the key it was set with (the old metrics.listen still works)
     token: str | None = field(default=None, repr=False)  # required off loopback
     token_source: str = ""  # "http.token" or the environment variable, for messages
-    max_request_bytes: int = 8192  # request line + headers; larger requests get 431
-    request_timeout_s: float = 5.0  # a client must send its request (and get a reply) within this
-    max_streams: int = 32  # dashboard pages connected at once
 
     @property
     def loopback(self) -> bool:
@@ -55,37 +50,23 @@ def parse_http(
     http_section: _Section, metrics_section: _Section, env: Mapping[str, str]
 ) -> HttpConfig:
     """[http], with the older [metrics] listen still accepted as its listen address."""
-    listen = http_section.get("listen", None, _optional_listen)
-    listen_key = "http.listen"
+    listen, listen_key = http_section.get("listen", None, _optional_listen), "http.listen"
     old = metrics_section.get("listen", None, _optional_listen)
     metrics_section.done()
     if "listen" in metrics_section.data:
         if "listen" in http_section.data:
-            raise ConfigError(
-                "metrics.listen: replaced by http.listen (one server for metrics and the "
-                "dashboard); remove metrics.listen"
-            )
+            raise ConfigError("metrics.listen: replaced by http.listen; remove metrics.listen")
         listen, listen_key = old, "metrics.listen"
-    token = http_section.optional("token", _nonempty)
-    token_source = "http.token"
+    token, token_source = http_section.optional("token", _nonempty), "http.token"
     if env.get(ENV_HTTP_TOKEN):
         token, token_source = env[ENV_HTTP_TOKEN], ENV_HTTP_TOKEN
     if token is not None and len(token) < MIN_TOKEN_CHARS:
         raise ConfigError(f"{token_source}: a token needs at least {MIN_TOKEN_CHARS} characters")
-    config = HttpConfig(
-        listen=listen,
-        listen_key=listen_key,
-        token=token,
-        token_source=token_source if token is not None else "",
-        max_request_bytes=http_section.get("max_request_bytes", 8192, _int_min(1024)),
-        request_timeout_s=http_section.get("request_timeout_s", 5.0, _positive_float),
-        max_streams=http_section.get("max_streams", 32, _int_min(1)),
-    )
     http_section.done()
+    config = HttpConfig(listen, listen_key, token, token_source if token is not None else "")
     if not config.loopback and token is None:
         raise ConfigError(
             f"http.token: {listen_key} {listen} is not a loopback address, so a token is "
-            f"required: set http.token or {ENV_HTTP_TOKEN} (at least {MIN_TOKEN_CHARS} "
-            "characters), or listen on 127.0.0.1 and use an SSH tunnel"
+            f"required (http.token or {ENV_HTTP_TOKEN}); or listen on 127.0.0.1 and tunnel"
         )
     return config

@@ -105,6 +105,7 @@ function render() {
   renderHeader(doc);
   renderAlerts(doc);
   renderTiles(doc);
+  renderGlance(doc);
   renderServers(doc);
   renderCycle(doc);
   renderCarriers(doc);
@@ -178,6 +179,40 @@ function renderTiles(doc) {
   setText($("t-breakers-sub"), half ? `${half} half-open (probing)` : `${doc.carriers.length} carriers`);
 }
 
+function renderGlance(doc) {
+  // One square per server in server order: with 50 servers the odd one out stands out.
+  const box = $("glance");
+  const list = serverOrder(servers(doc), "server");
+  while (box.children.length > list.length) box.lastChild.remove();
+  while (box.children.length < list.length) {
+    const square = box.appendChild(el("a"));
+    square.href = "#";
+    square.addEventListener("click", (event) => {
+      event.preventDefault();
+      showRow(square.dataset.serverIp);
+    });
+  }
+  list.forEach((s, i) => {
+    const square = box.children[i];
+    square.dataset.serverIp = s.server_ip;
+    const full = s.max_trunks && s.trunk_lines >= s.max_trunks;
+    square.className = `${s.health}${full ? " full" : ""}`;
+    square.title = `${s.server_id || s.server_ip} (${s.server_ip}): ${s.health}, ${s.trunk_lines}/${s.max_trunks} trunk lines`;
+  });
+}
+
+function showRow(ip) {
+  const row = state.rows.get(ip);
+  if (!row) return;
+  if (row.tr.hidden) {
+    $("filter").value = "";
+    renderServers(state.doc);
+  }
+  for (const other of state.rows.values()) other.tr.classList.remove("target");
+  row.tr.classList.add("target");
+  row.tr.scrollIntoView({ block: "center" });
+}
+
 function serverOrder(list, how) {
   const sorted = list.slice();
   const byIp = (a, b) => (ipKey(a.server_ip) < ipKey(b.server_ip) ? -1 : 1);
@@ -221,7 +256,7 @@ function newRow(ip) {
   const chart = td("chart");
   cells.canvas = chart.appendChild(el("canvas", "spark"));
   cells.canvas.width = 180;
-  cells.canvas.height = 24;
+  cells.canvas.height = 18;
   return { tr, cells };
 }
 
@@ -264,7 +299,7 @@ function renderServers(doc) {
 
 function updateRow(row, s, doc) {
   const c = row.cells;
-  row.tr.className = s.health;
+  row.tr.className = s.health + (row.tr.classList.contains("target") ? " target" : "");
   row.tr.dataset.health = s.health;
   row.tr.dataset.drained = s.drained ? "yes" : "no";
   setText(c.sid, s.server_id || "–");
