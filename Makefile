@@ -8,7 +8,7 @@ export VB_TEST_DATABASE_URL ?= mysql://vbtest:vbtest@127.0.0.1:3306/vb_test
 export VB_TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 export VB_DEMO_DATABASE_URL ?= mysql://vbtest:vbtest@127.0.0.1:3306/vb_demo
 
-.PHONY: test demo lint format bench services browser venv clean
+.PHONY: test demo lint format bench services browser screenshot venv clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,11 @@ browser:
 
 test: venv services browser
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# The README's picture of the dashboard, taken by its browser test.
+screenshot: venv services browser
+	VB_DASHBOARD_SCREENSHOT=docs/dashboard.png $(BIN)/pytest -q -p no:cacheprovider \
+		tests/test_dashboard.py -k follows_the_cluster
 
 demo: venv services
 	$(BIN)/vici-balancer demo --database-url "$(VB_DEMO_DATABASE_URL)"

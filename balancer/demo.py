@@ -16,6 +16,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from balancer.config import (
     AmiConfig,
@@ -24,6 +25,7 @@ from balancer.config import (
     Config,
     DatabaseConfig,
     HealthConfig,
+    HttpConfig,
     RedisConfig,
 )
 from balancer.daemon import Daemon
@@ -137,6 +139,7 @@ async def run_demo(
     refresh_s: float = 2.0,
     echo: Callable[[str], None] = print,
     clear_screen: bool | None = None,
+    http: HttpConfig | None = None,
 ) -> bool:
     """Run the demo; True when the tracked counts ended equal to the simulators' own."""
     if not url.database.startswith("vb_"):
@@ -161,7 +164,8 @@ async def run_demo(
     finally:
         conn.close()
 
-    daemon = Daemon(demo_config(url))
+    config = demo_config(url)
+    daemon = Daemon(config if http is None else replace(config, http=http))
     stop = asyncio.Event()
     traffic_stop = asyncio.Event()
     started = time.monotonic()
@@ -189,6 +193,8 @@ async def run_demo(
                     f"vici-balancer demo: {len(sims)} simulated Asterisk servers on loopback, "
                     f"t={elapsed:4.1f}s of {duration_s:g}s"
                 )
+                if daemon.http is not None:
+                    head += f"\ndashboard: {daemon.http.url}"
                 echo(("\x1b[H\x1b[2J" if clear else "") + head + "\n" + frame + "\n")
                 await asyncio.sleep(min(refresh_s, max(0.05, duration_s - elapsed)))
             traffic_stop.set()

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["ami_ingest.py", "cycle.py", "execute.py", "kamailio_failover.py"]
+BENCHES = ["ami_ingest.py", "cycle.py", "execute.py", "kamailio_failover.py", "dashboard.py"]
 
 
 def main() -> int:

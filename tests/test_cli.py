@@ -220,13 +220,20 @@ async def test_sim_command_serves_ami(tmp_path: Path) -> None:
 
 
 def test_demo_command(db: Connection, database_url: DatabaseUrl) -> None:
-    result = CliRunner().invoke(
-        main,
-        ["demo", "--database-url", database_url.unmasked(), "--duration", "4", "--refresh", "1"],
-    )
+    port = free_port()
+    args = ["demo", "--database-url", database_url.unmasked(), "--duration", "4"]
+    result = CliRunner().invoke(main, [*args, "--refresh", "1", "--http", f"127.0.0.1:{port}"])
     assert result.exit_code == 0, result.output
     assert "10.10.0.3" in result.output and "UP" in result.output
     assert "tracked channels equal the simulators' own" in result.output
+    assert f"dashboard: http://127.0.0.1:{port}/" in result.output
+
+
+def test_demo_serves_the_dashboard_on_loopback_only() -> None:
+    result = CliRunner().invoke(
+        main, ["demo", "--database-url", "mysql://u:p@127.0.0.1/vb_x", "--http", "0.0.0.0:9"]
+    )
+    assert result.exit_code == 2 and "--http" in result.output
 
 
 def test_demo_refuses_a_real_database() -> None:

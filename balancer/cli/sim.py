@@ -58,18 +58,35 @@ def sim(count: int, base_port: int, host: str) -> None:
     show_default=True,
     help="Seconds between status tables.",
 )
+@click.option(
+    "--http",
+    "http_listen",
+    metavar="HOST:PORT",
+    default=None,
+    help="Also serve the dashboard and /metrics here (a loopback address, e.g. 127.0.0.1:9108).",
+)
 @click.pass_obj
 @handle_errors
 def demo(
-    app: AppContext, database_url: str | None, duration: float, count: int, refresh: float
+    app: AppContext,
+    database_url: str | None,
+    duration: float,
+    count: int,
+    refresh: float,
+    http_listen: str | None,
 ) -> None:
     """Track simulated Asterisk servers with live traffic and show the status table."""
-    from balancer.config import LogConfig
+    from balancer.config import HttpConfig, LogConfig, parse_host_port
     from balancer.demo import run_demo
     from balancer.ops.logs import setup_logging
 
     url, _ = resolve_database_url(app, database_url or os.environ.get("VB_DEMO_DATABASE_URL"))
+    http = None
+    if http_listen is not None:
+        http = HttpConfig(listen=parse_host_port("--http", http_listen), listen_key="--http")
+        if not http.loopback:
+            fail("--http: the demo serves on a loopback address only (127.0.0.1:9108)", 2)
     setup_logging(LogConfig(level="WARNING"))
-    ok = asyncio.run(run_demo(url, duration, count, refresh, echo=click.echo))
+    ok = asyncio.run(run_demo(url, duration, count, refresh, echo=click.echo, http=http))
     if not ok:
         sys.exit(EXIT_FAILURE)

@@ -99,9 +99,22 @@ function receive(doc) {
 
 // ------------------------------------------------------------------ drawing
 
+// How long drawing a document takes in this browser (read by bench/dashboard.py).
+window.vbRenderStats = { renders: 0, totalMs: 0, maxMs: 0 };
+
 function render() {
   const doc = state.doc;
   if (!doc) return;
+  const started = performance.now();
+  draw(doc);
+  const ms = performance.now() - started;
+  const stats = window.vbRenderStats;
+  stats.renders += 1;
+  stats.totalMs += ms;
+  stats.maxMs = Math.max(stats.maxMs, ms);
+}
+
+function draw(doc) {
   renderHeader(doc);
   renderAlerts(doc);
   renderTiles(doc);
