@@ -4,6 +4,9 @@ Fixtures:
   sim_factory  await sim_factory(server_ip="10.10.0.1", **SimAsterisk kwargs) -> started SimAsterisk
   sim          one started SimAsterisk (10.10.0.1, defaults)
   ami_connect  await ami_connect(sim, login=True, events=None) -> RawAmiClient (closed at teardown)
+Helper:
+  start_cluster(stack, database_url, ips, **SimAsterisk kwargs) -> started servers, each with
+               VICIdial's command sender running against the database (stopped by the stack)
 """
 
 from __future__ import annotations
@@ -11,16 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack
 from typing import Any, Protocol
 
 import pytest
 
 from balancer.ami.codec import Message, MessageReader, encode
+from balancer.db.url import DatabaseUrl
 from balancer.errors import AmiProtocolError
 from balancer.sim import SimAsterisk
+from balancer.sim.sender import CommandSender
 
-__all__ = ["RawAmiClient", "SimFactory", "ami_connect", "sim", "sim_factory"]
+__all__ = ["RawAmiClient", "SimFactory", "ami_connect", "sim", "sim_factory", "start_cluster"]
 
 Headers = Mapping[str, str | Sequence[str]]
 
@@ -276,3 +282,24 @@ async def ami_connect() -> AsyncIterator[Callable[..., Awaitable[RawAmiClient]]]
     yield connect
     for client in clients:
         await client.close()
+
+
+async def start_cluster(
+    stack: AsyncExitStack,
+    database_url: DatabaseUrl,
+    ips: Iterable[str],
+    *,
+    poll_interval_s: float = 0.05,
+    **sim_options: Any,
+) -> list[SimAsterisk]:
+    """Started simulated servers, each with its command sender; ``stack`` stops them all."""
+    sims = []
+    for ip in ips:
+        sim = SimAsterisk(ip, **sim_options)
+        await sim.start()
+        stack.push_async_callback(sim.stop)
+        sender = CommandSender(sim, database_url, poll_interval_s=poll_interval_s)
+        await sender.start()
+        stack.push_async_callback(sender.stop)
+        sims.append(sim)
+    return sims

@@ -26,6 +26,7 @@ from typing import Any
 import pytest_asyncio
 from browser import chromium, js, until
 from conftest import execute
+from fixtures_sim import start_cluster
 from prometheus_client.parser import text_string_to_metric_families
 from selenium.webdriver.common.by import By
 from tracking_helpers import eventually, health_is, make_config, running
@@ -46,7 +47,6 @@ from balancer.db.connection import Connection
 from balancer.db.url import DatabaseUrl
 from balancer.sim.model import SimCarrier
 from balancer.sim.seed import SeedCampaign, SeedServer, seed_campaigns, seed_servers
-from balancer.sim.sender import CommandSender
 from balancer.sim.server import SimAsterisk
 from balancer.store.base import Health
 from balancer.store.memory import MemoryStore
@@ -63,18 +63,11 @@ SCREENSHOT_ENV = "VB_DASHBOARD_SCREENSHOT"
 @pytest_asyncio.fixture
 async def cluster(database_url: DatabaseUrl) -> AsyncIterator[list[SimAsterisk]]:
     """Three simulated servers with carriers alpha (7) and beta (8) and their command senders."""
+    carriers = [SimCarrier("alpha", "7"), SimCarrier("beta", "8")]
     async with AsyncExitStack() as stack:
-        sims = []
-        carriers = [SimCarrier("alpha", "7"), SimCarrier("beta", "8")]
-        for ip in IPS:
-            sim = SimAsterisk(ip, carriers=carriers, call_duration_s=300, answer_delay_s=0.02)
-            await sim.start()
-            stack.push_async_callback(sim.stop)
-            sender = CommandSender(sim, database_url, poll_interval_s=0.05)
-            await sender.start()
-            stack.push_async_callback(sender.stop)
-            sims.append(sim)
-        yield sims
+        yield await start_cluster(
+            stack, database_url, IPS, carriers=carriers, call_duration_s=300, answer_delay_s=0.02
+        )
 
 
 def dashboard_config(database_url: DatabaseUrl, redis_url: str) -> Config:

@@ -270,7 +270,7 @@ class Feed:
                 self.db.run(lambda conn: recent_decisions(conn, limit)), DB_TIMEOUT_S
             )
             self._decisions_error = None
-        except (BalancerError, TimeoutError) as exc:
+        except Exception as exc:  # a missing table or a lost database: say so on the page
             self._decisions_error = f"vb_decision_log could not be read: {exc or 'timeout'}"
 
 
