@@ -179,7 +179,9 @@ async def test_the_page_follows_the_cluster_without_a_reload(
     daemon = Daemon(dashboard_config(database_url, redis_db))
     async with running(daemon):
         assert daemon.http is not None and daemon.http.feed is not None
-        daemon.http.feed.history.step_s = 1.0  # a chart with some points within the test
+        feed = daemon.http.feed
+        feed.history.step_s = 1.0  # a chart with some points within the test
+        feed.decisions_every_s = 0.5
         url = daemon.http.url
         for ip in IPS:
             await eventually(lambda ip=ip: health_is(daemon.store, ip, Health.UP), timeout=10)
@@ -290,7 +292,8 @@ async def test_the_page_follows_the_cluster_without_a_reload(
                 row(SHORT, "document.querySelectorAll('#servers tr[data-server-ip]').length===3"),
                 "three rows",
             )
-            await asyncio.sleep(2.5)  # a few more chart points
+            if os.environ.get(SCREENSHOT_ENV):
+                await asyncio.sleep(2.5)  # a few more chart points for the README
             png = await full_page_png(driver)
     shot = tmp_path / "dashboard.png"
     shot.write_bytes(png)

@@ -200,6 +200,31 @@ async def test_a_token_guards_every_path() -> None:
         await server.close()
 
 
+async def test_without_a_token_only_loopback_names_are_answered(
+    served: tuple[Daemon, WebServer],
+) -> None:
+    """A page elsewhere cannot read the dashboard through a name it points at 127.0.0.1."""
+    _, server = served
+    async with aiohttp.ClientSession() as client:
+        for host in ("127.0.0.1", "localhost:8080", "[::1]:9108", "127.0.0.2", "x.localhost"):
+            async with client.get(server.url + "api/status", headers={"Host": host}) as reply:
+                assert reply.status == 200, host
+        for host in ("rebind.example.com", "10.0.0.1:9108", "[2001:db8::1]:80"):
+            for path in ("", "api/status", "api/events", "metrics"):
+                async with client.get(server.url + path, headers={"Host": host}) as reply:
+                    assert reply.status == 403, (host, path)
+                    assert "not a loopback name" in await reply.text()
+    with_token = WebServer(HttpConfig(listen=LOCAL, token=TOKEN))
+    await with_token.start(served[0])
+    try:
+        headers = {"Host": "dash.example.com", "Authorization": f"Bearer {TOKEN}"}
+        url = with_token.url + "api/status"
+        async with aiohttp.ClientSession() as client, client.get(url, headers=headers) as reply:
+            assert reply.status == 200  # the token is the guard here
+    finally:
+        await with_token.close()
+
+
 async def test_no_token_off_loopback_refuses_to_start() -> None:
     daemon = Daemon(make_config(NO_DB), store=MemoryStore())
     server = WebServer(HttpConfig(listen=HostPort("0.0.0.0", 0)))

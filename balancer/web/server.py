@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,8 @@ class WebServer:
         self._spawn(self._sample_loop(daemon), "http-event-rate")
         self._spawn(self.feed.run(), "dashboard-feed")
         if http.loopback:
-            log.info("http: dashboard and metrics on %s (loopback only)", self.url)
+            guarded = f", token from {http.token_source}" if http.token else ""
+            log.info("http: dashboard and metrics on %s (loopback only%s)", self.url, guarded)
         else:
             log.warning(
                 "http: dashboard and metrics on %s: NOT loopback, reachable from the network; "
@@ -147,7 +149,7 @@ class WebServer:
         if http.listen_key == "metrics.listen":
             log.warning("metrics.listen is deprecated: rename it to listen under [http]")
 
-    def _spawn(self, work: Any, name: str) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -164,8 +166,9 @@ class WebServer:
         if runner is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(runner.cleanup(), 3.0)
-        if self.db is not None:
-            await self.db.close()
+        db, self.db = self.db, None
+        if db is not None:
+            await db.close()
 
     async def _sample_loop(self, daemon: MetricsSource) -> None:
         while True:
@@ -191,6 +194,14 @@ class WebServer:
         """Token check, a time bound on every answer but the stream, and security headers."""
         http = self.http
         set_cookie = False
+        if http.token is None and not _loopback_name(request.headers.get("Host")):
+            # Without a token only this machine can connect, but a web page it opens could
+            # reach the port through a name that resolves to 127.0.0.1 (DNS rebinding): such
+            # a request carries that name as its Host.
+            raise web.HTTPForbidden(
+                text=f"Host {request.headers['Host']!r} is not a loopback name: open "
+                f"http://127.0.0.1:{self.port}/ (through an SSH tunnel from elsewhere)\n"
+            )
         if http.token is not None and not _authorized(request, http.token):
             given = request.query.get("token")
             if request.path == "/" and given is not None and _same(given, http.token):
@@ -283,6 +294,21 @@ class WebServer:
         finally:
             feed.unsubscribe(sub)
         return response
+
+
+def _loopback_name(host: str | None) -> bool:
+    """True for a Host header naming this machine (localhost, a loopback IP; any port) or none:
+    every browser sends one, so a request without it is no page's."""
+    if not host:
+        return True
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    name = name.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _same(given: str, token: str) -> bool:
