@@ -161,9 +161,7 @@ class Daemon:
                 # Its own DB connection (for the decision log): the dashboard never queues
                 # behind the registry refresh or a cycle's writes.
                 db = self.config.database
-                self.http = WebServer(
-                    self.config.http, db=DbWorker(db.url, db.connect_timeout_s)
-                )
+                self.http = WebServer(self.config.http, db=DbWorker(db.url, db.connect_timeout_s))
                 await self.http.start(self)
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.tracker.run_flusher(stop), name="flusher")

@@ -285,6 +285,14 @@ async def test_the_page_follows_the_cluster_without_a_reload(
             assert sample(p + "carrier_breaker_state", **breaker, state="open") == 1
             assert sample(p + "carrier_breaker_state", **breaker, state="closed") == 0
             assert sample(p + "leader") == 1
+            # ... and so does the page: this daemon leads, under the database lease's epoch
+            epoch = daemon.leadership.epoch
+            assert epoch is not None
+            await until(
+                driver,
+                f"return document.querySelector('#role').textContent === 'leader · epoch {epoch}'",
+                f"the leader badge with epoch {epoch}",
+            )
 
             # the screenshot for the README: three servers, one of them down
             await until(

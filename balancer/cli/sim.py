@@ -76,9 +76,11 @@ def demo(
     http_listen: str | None,
 ) -> None:
     """Track simulated Asterisk servers with live traffic and show the status table."""
-    from balancer.config import HttpConfig, LogConfig, parse_host_port
+    from balancer.config import LogConfig
+    from balancer.config_values import parse_host_port
     from balancer.demo import run_demo
     from balancer.ops.logs import setup_logging
+    from balancer.web.settings import HttpConfig
 
     url, _ = resolve_database_url(app, database_url or os.environ.get("VB_DEMO_DATABASE_URL"))
     http = None

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from importlib import resources
@@ -27,11 +26,12 @@ from typing import Any
 
 from aiohttp import web
 
-from balancer.config import HttpConfig
+from balancer.config_values import is_loopback
 from balancer.db.worker import DbWorker
 from balancer.errors import BalancerError
 from balancer.ops.metrics import CONTENT_TYPE, EventRate, MetricsSource, render
 from balancer.web.feed import Feed, status_document
+from balancer.web.settings import HttpConfig
 
 log = logging.getLogger(__name__)
 _QUIET = logging.getLogger(f"{__name__}.protocol")
@@ -303,12 +303,7 @@ def _loopback_name(host: str | None) -> bool:
         return True
     name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
     name = name.strip("[]").lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return name.endswith(".localhost") or is_loopback(name)
 
 
 def _same(given: str, token: str) -> bool:
