@@ -200,7 +200,12 @@ class Feed:
         changed = False
         status = doc["status"]
         if need_point and status is not None:
-            lines = {s["server_ip"]: int(s["trunk_lines"]) for s in status["servers"]}
+            # a DOWN or stale server's lines are unknown (status document v2): no point, a gap
+            lines = {
+                s["server_ip"]: int(s["trunk_lines"])
+                for s in status["servers"]
+                if s["trunk_lines"] is not None
+            }
             doc["point"] = self.history.add(now, lines)
             changed = True
         if not self.subscribers:

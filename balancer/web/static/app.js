@@ -25,6 +25,11 @@ function el(tag, className, text) {
   return node;
 }
 
+// A DOWN or stale server's live lines are unknown (null in the status document).
+function known(value) {
+  return value === null || value === undefined ? "?" : value;
+}
+
 function setText(node, text) {
   const value = text === undefined || text === null ? "" : String(text);
   if (node.textContent !== value) node.textContent = value;
@@ -208,9 +213,9 @@ function renderGlance(doc) {
   list.forEach((s, i) => {
     const square = box.children[i];
     square.dataset.serverIp = s.server_ip;
-    const full = s.max_trunks && s.trunk_lines >= s.max_trunks;
+    const full = s.max_trunks && s.trunk_lines !== null && s.trunk_lines >= s.max_trunks;
     square.className = `${s.health}${full ? " full" : ""}`;
-    square.title = `${s.server_id || s.server_ip} (${s.server_ip}): ${s.health}, ${s.trunk_lines}/${s.max_trunks} trunk lines`;
+    square.title = `${s.server_id || s.server_ip} (${s.server_ip}): ${s.health}, ${known(s.trunk_lines)}/${s.max_trunks} trunk lines`;
   });
 }
 
@@ -231,7 +236,7 @@ function serverOrder(list, how) {
   const byIp = (a, b) => (ipKey(a.server_ip) < ipKey(b.server_ip) ? -1 : 1);
   if (how === "server") sorted.sort(byIp);
   else if (how === "load") {
-    const load = (s) => (s.max_trunks ? s.trunk_lines / s.max_trunks : 0);
+    const load = (s) => (s.max_trunks ? (s.trunk_lines || 0) / s.max_trunks : 0);
     sorted.sort((a, b) => load(b) - load(a) || byIp(a, b));
   } else {
     sorted.sort((a, b) => (SEVERITY[a.health] ?? 9) - (SEVERITY[b.health] ?? 9) || byIp(a, b));
@@ -323,12 +328,12 @@ function updateRow(row, s, doc) {
   if (s.drained) notes.push(`tracked ${s.tracked_health}`);
   if (s.health === "stale") notes.push("no fresh state");
   setText(c.tag, notes.join(", "));
-  setText(c.trunkText, `${s.trunk_lines} / ${s.max_trunks}`);
-  const ratio = s.max_trunks ? Math.min(1, s.trunk_lines / s.max_trunks) : 0;
+  setText(c.trunkText, `${known(s.trunk_lines)} / ${s.max_trunks}`);
+  const ratio = s.max_trunks ? Math.min(1, (s.trunk_lines || 0) / s.max_trunks) : 0;
   c.fill.style.width = `${Math.round(ratio * 100)}%`;
   c.fill.className = `fill${ratio >= 1 ? " full" : ratio >= 0.85 ? " high" : ""}`;
-  setText(c.agents, s.agent_phones);
-  setText(c.local, s.local);
+  setText(c.agents, known(s.agent_phones));
+  setText(c.local, known(s.local));
   setText(c.rtt, s.rtt_ms === null ? "–" : `${s.rtt_ms.toFixed(1)} ms`);
   const placed = doc.placed[s.server_ip];
   setText(c.placed, placed ? `${placed.last_minute} / ${placed.total}` : "0 / 0");
