@@ -41,6 +41,10 @@ from balancer.kamailio.settings import (  # [kamailio] lives beside the code tha
 from balancer.kamailio.settings import KamailioEndpoint as KamailioEndpoint
 from balancer.kamailio.settings import KamailioSet as KamailioSet
 from balancer.kamailio.settings import parse_kamailio
+from balancer.ops.retention_settings import (  # [retention], beside the task that prunes
+    RetentionConfig as RetentionConfig,
+)
+from balancer.ops.retention_settings import parse_retention
 from balancer.web.settings import ENV_HTTP_TOKEN as ENV_HTTP_TOKEN  # [http]: beside the server
 from balancer.web.settings import HttpConfig as HttpConfig
 from balancer.web.settings import parse_http
@@ -196,6 +200,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
     kamailio: KamailioConfig | None = None  # None: no [kamailio] section
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     path: str | None = None
 
 
@@ -519,6 +524,7 @@ def config_from_dict(
         http=http,
         log=log,
         kamailio=parse_kamailio(root.table("kamailio")) if "kamailio" in data else None,
+        retention=parse_retention(root.table("retention")),
         path=path,
     )
     root.done()

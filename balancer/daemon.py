@@ -35,6 +35,7 @@ from balancer.kamailio.sync import KamailioSync
 from balancer.live.registry import Registry, WatchedServer, trunk_names
 from balancer.live.tracker import TRACKED_EVENTS, Classifier, Tracker
 from balancer.ops.metrics import KAMAILIO_LAG_BUCKETS_S, CycleStats, Histogram
+from balancer.ops.retention import Retention
 from balancer.store.base import Health, ServerMeta, StateStore
 from balancer.store.factory import open_store
 from balancer.store.keys import BALANCE_SUMMARY
@@ -102,6 +103,11 @@ class Daemon:
         self._db = DbWorker(db_url, timeout)
         self._balance_db = DbWorker(db_url, timeout)
         self.leadership = Leadership(self._db, self.name, config.balance.lock_ttl_s)
+        # Pruning runs on a connection of its own: it never delays a cycle or a lease renewal.
+        self._retention_db = DbWorker(db_url, timeout)
+        self.retention = Retention(
+            config.retention, self._retention_db, lambda: self.leadership.leading
+        )
         # Carrier health hears events before failover does: failover asks it for the next carrier.
         self.carrier_health = CarrierHealth(config.carriers, config.routes, config.routing)
         self.failover = Failover(
@@ -139,8 +145,8 @@ class Daemon:
             try:
                 await self._db.run(schema.require_current)
             except BalancerError:
-                await self._db.close()
-                await self._balance_db.close()
+                for worker in (self._db, self._balance_db, self._retention_db):
+                    await worker.close()
                 raise
         executor = Executor(
             self._balance_db,
@@ -179,6 +185,7 @@ class Daemon:
                     group.create_task(self.failover.run(stop, self._balance_db), name="failover")
                     group.create_task(self._balance_loop(stop), name="balance")
                     group.create_task(self.leadership.run(stop), name="leader")
+                    group.create_task(self.retention.run(stop), name="retention")
                 # Only the leader writes login flags when balancing; a tracking-only daemon
                 # (manage_login_flags on) keeps them itself. Its last pass runs at shutdown.
                 self.keeper = LoginFlagKeeper(
@@ -260,6 +267,7 @@ class Daemon:
         self.leadership.ttl_s = new.balance.lock_ttl_s
         self.carrier_health.reconfigure(new.carriers, new.routes, new.routing)
         self.failover.routing = new.routing
+        self.retention.config = new.retention
         self.reloads += 1
         await self.refresh_registry()
         return notes
@@ -271,6 +279,7 @@ class Daemon:
         # in flight finishes on its worker thread; the lease was released by the leader task;
         # then AMI sessions close and the rest is flushed.
         await self._balance_db.close()
+        await self._retention_db.close()
         await self.leadership.release()
         await self.fabric.close()
         with contextlib.suppress(TimeoutError, BalancerError):

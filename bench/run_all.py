@@ -6,7 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["ami_ingest.py", "cycle.py", "execute.py", "kamailio_failover.py", "dashboard.py"]
+BENCHES = [
+    "ami_ingest.py",
+    "cycle.py",
+    "execute.py",
+    "retention.py",
+    "kamailio_failover.py",
+    "dashboard.py",
+]
 
 
 def main() -> int:

@@ -373,6 +373,17 @@ def test_the_vdacnote_host_is_this_hosts_own_server_ip(tmp_path: Path) -> None:
         config_from_dict({"balance": {"host_server_ip": "ast1"}}, {}, path)
 
 
+def test_retention_settings_are_validated() -> None:
+    db = {"database": {"url": "mysql://u@127.0.0.1/db"}}
+    config = build({**db, "retention": {"decision_log_days": 7, "batch_rows": 500}})
+    assert (config.retention.decision_log_days, config.retention.batch_rows) == (7, 500)
+    assert build(db).retention.decision_log_max_rows == 5_000_000
+    with pytest.raises(ConfigError, match=r"^retention\.batch_rows"):
+        build({**db, "retention": {"batch_rows": 0}})
+    with pytest.raises(ConfigError, match=r"retention\.keep_forever"):
+        build({**db, "retention": {"keep_forever": True}})
+
+
 def test_astguiclient_missing_key(tmp_path: Path) -> None:
     path = tmp_path / "astguiclient.conf"
     path.write_text("VARDB_server => 10.0.0.1\nVARDB_user => cron\n")

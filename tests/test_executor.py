@@ -363,8 +363,10 @@ async def test_end_to_end_with_simulated_servers(
     for sender in senders:
         await sender.start()
     try:
-        for _ in range(1500):  # a deadline (30 s) only so a hung sender ends the test
-            if seed.count(db, "vicidial_manager", "status = 'NEW'") == 0:
+        # until every Originate was sent AND its call answered or failed (a row is SENT a moment
+        # before its call starts); the deadline (30 s) only ends a hung test
+        for _ in range(1500):
+            if sum(s.answered + s.failed for s in senders) >= 10:
                 break
             await asyncio.sleep(0.02)
         for sender in senders:

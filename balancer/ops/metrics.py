@@ -419,6 +419,30 @@ class DaemonCollector(Collector):
             _breaker_samples(getattr(daemon, "carrier_health", None)),
         )
         yield from _kamailio_families(daemon)
+        yield from _retention_families(daemon)
+
+
+def _retention_families(daemon: MetricsSource) -> Iterator[Metric]:
+    """Pruning of our own growing tables ([retention]); read from the daemon's ``retention``."""
+    retention = getattr(daemon, "retention", None)
+    stats = getattr(retention, "stats", None)
+    if stats is None:
+        return
+    yield _counter(
+        "retention_pruned_rows_total",
+        "Rows of our own tables deleted by retention, by table.",
+        [({"table": table}, n) for table, n in sorted(stats.pruned.items())],
+    )
+    yield _counter("retention_passes_total", "Retention passes completed.", [({}, stats.passes)])
+    yield _counter(
+        "retention_failures_total", "Retention passes that failed.", [({}, stats.failures)]
+    )
+    if stats.last_pass_at is not None:
+        yield _gauge(
+            "retention_last_pass_timestamp_seconds",
+            "When retention last completed a pass (epoch seconds).",
+            [({}, stats.last_pass_at)],
+        )
 
 
 def _kamailio_families(daemon: MetricsSource) -> Iterator[Metric]:
