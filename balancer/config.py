@@ -122,6 +122,7 @@ class BalanceConfig:
 
 @dataclass(frozen=True)
 class AgentsConfig:
+    mode: str = "capacity"  # assign-phone: "capacity", or "vicidial" (the agent screen's own pick)
     default_capacity: int = 100
     capacity: Mapping[str, int] = field(default_factory=dict)
     manage_login_flags: bool = True
@@ -304,6 +305,7 @@ def _agents(section: _Section) -> AgentsConfig:
         key = table.key(server_ip)
         capacity[_server_ip_key(key, server_ip)] = _int_min(0)(key, value)
     config = AgentsConfig(
+        mode=section.get("mode", "capacity", _choice("capacity", "vicidial")),
         default_capacity=section.get("default_capacity", 100, _int_min(0)),
         capacity=capacity,
         manage_login_flags=section.get("manage_login_flags", True, _bool),

@@ -33,18 +33,6 @@ CREATE TABLE IF NOT EXISTS vb_login_flags (
     PRIMARY KEY (server_ip)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
--- Per-campaign agent-login server grouping, used by `vici-balancer assign-phone` (VICIdial's
--- ONE_SERVER_ONLY and CASCADING modes). Kept in a table of our own rather than a column of
--- vicidial_campaigns, so the balancer never alters a VICIdial table. A campaign without a row
--- is NONE. cascade_limit: CASCADING fills a server with this many of the campaign's agents
--- before the next one (0 = no limit, which behaves as NONE).
-CREATE TABLE IF NOT EXISTS vb_campaign_grouping (
-    campaign_id VARCHAR(20) NOT NULL,
-    mode ENUM('NONE','ONE_SERVER_ONLY','CASCADING') NOT NULL DEFAULT 'NONE',
-    cascade_limit SMALLINT UNSIGNED NOT NULL DEFAULT 0,
-    PRIMARY KEY (campaign_id)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
-
 -- Balance calls re-placed on the next carrier of their route after failing on a trunk before
 -- answer (per-call failover). The primary key is the failed call's caller code: a call is
 -- re-placed at most once, whichever daemon sees the failure; a failed retry (found by

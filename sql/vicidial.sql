@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS servers (
     active_agent_login_server ENUM('Y','N') DEFAULT 'Y',
     routing_prefix VARCHAR(10) DEFAULT '13',
     external_server_ip VARCHAR(100) DEFAULT '',
+    active_twin_server_ip VARCHAR(15) DEFAULT '',
+    conf_engine ENUM('MEETME','CONFBRIDGE') DEFAULT 'MEETME',
     UNIQUE KEY server_ip (server_ip),
     UNIQUE KEY server_id (server_id)
 ) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
@@ -60,7 +62,8 @@ CREATE TABLE IF NOT EXISTS system_settings (
     outbound_autodial_active ENUM('1','0') DEFAULT '1',
     outbound_calls_per_second SMALLINT UNSIGNED DEFAULT 10,
     disable_auto_dial ENUM('0','1') DEFAULT '0',
-    call_limit_24hour ENUM('0','1') DEFAULT '0'
+    call_limit_24hour ENUM('0','1') DEFAULT '0',
+    pllb_grouping_limit SMALLINT DEFAULT 100
 ) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
 -- Demand: calls a campaign wanted on a server but could not place for lack of lines.
@@ -154,6 +157,8 @@ CREATE TABLE IF NOT EXISTS vicidial_campaigns (
     campaign_calldate DATETIME,
     use_custom_cid ENUM('Y','N','AREACODE','USER_CUSTOM_1','USER_CUSTOM_2','USER_CUSTOM_3',
         'USER_CUSTOM_4','USER_CUSTOM_5') DEFAULT 'N',
+    pllb_grouping ENUM('DISABLED','ONE_SERVER_ONLY','CASCADING') DEFAULT 'DISABLED',
+    pllb_grouping_limit SMALLINT DEFAULT 50,
     PRIMARY KEY (campaign_id)
 ) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
 
@@ -287,8 +292,17 @@ CREATE TABLE IF NOT EXISTS server_updater (
     UNIQUE KEY server_ip (server_ip)
 ) ENGINE=MEMORY DEFAULT CHARSET=utf8mb4;
 
--- Agent conferences; a row with an empty extension is free.
+-- Agent conferences (MeetMe); a row with an empty extension is free.
 CREATE TABLE IF NOT EXISTS vicidial_conferences (
+    conf_exten INT UNSIGNED NOT NULL,
+    server_ip VARCHAR(15) NOT NULL,
+    extension VARCHAR(100) DEFAULT '',
+    UNIQUE KEY extenserver (conf_exten, server_ip),
+    KEY server_extension (server_ip, extension)
+) ENGINE=MyISAM DEFAULT CHARSET=utf8mb4;
+
+-- The same for a server whose servers.conf_engine is CONFBRIDGE: the agent screen looks here.
+CREATE TABLE IF NOT EXISTS vicidial_confbridges (
     conf_exten INT UNSIGNED NOT NULL,
     server_ip VARCHAR(15) NOT NULL,
     extension VARCHAR(100) DEFAULT '',

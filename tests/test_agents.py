@@ -9,22 +9,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balancer.agents.choice import (
-    AgentTables,
+    VICIDIAL_MODE,
     Assignment,
-    FlagAction,
-    FlagSettings,
+    PhoneCandidate,
+    choose_phone,
+)
+from balancer.agents.facts import (
+    AgentTables,
     Grouping,
     GroupingMode,
     LoginFlagRecord,
-    PhoneCandidate,
     ServerFacts,
     ServerRecord,
     build_facts,
     capacity_of,
-    choose_phone,
+    load_of,
+)
+from balancer.agents.flag_rules import (
+    FlagAction,
+    FlagSettings,
     decide_login_flags,
     desired_flag,
-    load_of,
+    flags_document,
     reopen_threshold,
 )
 from balancer.config import AgentsConfig
@@ -157,9 +163,34 @@ def test_ineligible_server_is_never_chosen(change: dict[str, object], problem: s
     assert any(problem in p for p in skipped.problems), skipped.problems
 
 
-def test_missing_updater_row_is_judged_by_ami_alone() -> None:
-    result = choose([server("10.10.0.1", updater_age_s=None)])
-    assert result.chosen is not None
+def test_the_agent_screens_own_checks_apply_in_capacity_mode_too() -> None:
+    """No server_updater row, or one the screen finds too old (2 minutes) even when our own
+    limit is off; a dead twin; a CONFBRIDGE server's conferences are in vicidial_confbridges."""
+    for change, problem in (
+        ({"updater_age_s": None}, "no server_updater row"),
+        ({"twin_server_ip": "10.10.0.9"}, "twin 10.10.0.9 not live (no server_updater row)"),
+        (
+            {"twin_server_ip": "10.10.0.9", "twin_updater_age_s": 120.0},
+            "twin 10.10.0.9 not live (server_updater 120s old",
+        ),
+        ({"conf_engine": "CONFBRIDGE"}, "no free conference in vicidial_confbridges"),
+    ):
+        result = choose([server("10.10.0.1", **change)])
+        assert result.chosen is None and problem in result.reason, (change, result.reason)
+    f = server("10.10.0.1", updater_age_s=130.0)
+    by_ip = {f.server_ip: f}
+    result = choose_phone(phones("10.10.0.1"), by_ip, updater_max_age_s=None)
+    assert result.chosen is None and "server_updater 130s old" in result.reason
+    # Our stricter limit names itself, not the screen's too.
+    result = choose_phone(phones("10.10.0.1"), by_ip, updater_max_age_s=MAX_AGE)
+    assert result.candidates[0].problems == ("server_updater stale (130s > 60s)",)
+    fine = [
+        server("10.10.0.1", twin_server_ip="10.10.0.9", twin_updater_age_s=3.0),
+        server("10.10.0.2", conf_engine="CONFBRIDGE", free_conferences=0, free_confbridges=2),
+        server("10.10.0.3", twin_server_ip="1.2"),  # 4 characters or fewer: no twin
+    ]
+    for f in fine:
+        assert choose([f]).chosen is not None, f
 
 
 def test_balancer_held_flag_is_not_the_admins() -> None:
@@ -216,6 +247,7 @@ def test_one_server_only_stays_with_the_campaign() -> None:
     result = choose(facts, grouping=grouping, campaign_agents={"10.10.0.1": 4})
     assert result.chosen is not None and result.chosen.phone.server_ip == "10.10.0.1"
     assert "ONE_SERVER_ONLY: campaign CAMP1 already has 4 agents here" in result.reason
+    assert result.grouped
     # Agents on two servers: the one with most of them.
     result = choose(facts, grouping=grouping, campaign_agents={"10.10.0.1": 1, "10.10.0.2": 3})
     assert result.chosen is not None and result.chosen.phone.server_ip == "10.10.0.2"
@@ -230,11 +262,12 @@ def test_one_server_only_falls_back_when_the_campaign_server_is_down() -> None:
     # No agents yet anywhere: by score.
     result = choose(facts[1:], grouping=grouping, campaign_agents={})
     assert result.chosen is not None and "has no agents yet" in result.reason
+    assert not result.grouped
 
 
 def test_cascading_fills_one_server_to_the_limit_then_the_next() -> None:
     facts = [server("10.10.0.1", agents=2), server("10.10.0.2", agents=8)]
-    grouping = Grouping("CAMP1", GroupingMode.CASCADING, cascade_limit=3)
+    grouping = Grouping("CAMP1", GroupingMode.CASCADING, campaign_limit=3)
     agents: dict[str, int] = {}
     chosen: list[str] = []
     for _ in range(7):
@@ -246,7 +279,7 @@ def test_cascading_fills_one_server_to_the_limit_then_the_next() -> None:
     # The emptiest server first, up to 3; then the next; then by score.
     assert chosen[:6] == ["10.10.0.1"] * 3 + ["10.10.0.2"] * 3
     assert "every eligible server has 3+ agents" in result.reason
-    no_limit = Grouping("CAMP1", GroupingMode.CASCADING, cascade_limit=0)
+    no_limit = Grouping("CAMP1", GroupingMode.CASCADING, campaign_limit=0)
     result = choose(facts, grouping=no_limit, campaign_agents={"10.10.0.2": 5})
     assert result.chosen is not None and result.chosen.phone.server_ip == "10.10.0.1"
 
@@ -257,10 +290,18 @@ def test_cascading_skips_a_full_or_down_server() -> None:
         server("10.10.0.2", agents=1),
         server("10.10.0.3", agents=0),
     ]
-    grouping = Grouping("C", GroupingMode.CASCADING, cascade_limit=5)
+    grouping = Grouping("C", GroupingMode.CASCADING, campaign_limit=5)
     result = choose(facts, grouping=grouping, campaign_agents={"10.10.0.1": 4, "10.10.0.2": 1})
     assert result.chosen is not None and result.chosen.phone.server_ip == "10.10.0.2"
-    assert "CASCADING: campaign C has 1/5 agents here" in result.reason
+    assert "CASCADING: campaign C has 1/5 agents here" in result.reason and result.grouped
+    # system_settings.pllb_grouping_limit: a server with that many agents is not cascaded to.
+    capped = replace(grouping, system_limit=1)
+    result = choose(facts, grouping=capped, campaign_agents={"10.10.0.1": 4, "10.10.0.2": 1})
+    assert result.chosen is not None and result.chosen.phone.server_ip == "10.10.0.3"
+    assert result.grouped and "CASCADING: campaign C has 0/5 agents here" in result.reason
+    result = choose(facts[:2], grouping=capped, campaign_agents={"10.10.0.2": 1})
+    assert result.chosen is not None and result.chosen.phone.server_ip == "10.10.0.2"
+    assert not result.grouped and "or 1+ agents; chose by score" in result.reason
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -296,11 +337,344 @@ def test_property_never_down_drained_or_full(
     assert result.chosen is not None and result.chosen.facts is not None
     chosen = result.chosen.facts
     assert chosen.health is Health.UP and not chosen.drained and chosen.agents < chosen.capacity
-    if mode is GroupingMode.NONE:
+    if mode is GroupingMode.DISABLED:
         assert load_of(chosen).score == min(load_of(f).score for f in eligible)
     # Deterministic: the same input gives the same answer.
     again = choose(facts, grouping=Grouping("C", mode, limit), campaign_agents=campaign)
     assert again.chosen is not None and again.chosen.phone == result.chosen.phone
+
+
+# --------------------------------------------------------------------------- vicidial mode
+# VICIdial's agent screen (vicidial.php): walk the logins in order; eligible when the phones row's
+# server is active and open for agent logins, has a free conference, a live twin and a live
+# server_updater; the campaign's pllb_grouping may force a login; else the fewest non-remote
+# agents, a tie going to the later login. Capacity, health and drain are not its business.
+
+
+def vchoose(
+    facts: list[ServerFacts],
+    grouping: Grouping | None = None,
+    campaign_agents: dict[str, int] | None = None,
+    *,
+    phone_list: list[PhoneCandidate] | None = None,
+    balanced: bool = True,
+) -> Assignment:
+    by_ip = {f.server_ip: f for f in facts}
+    return choose_phone(
+        phone_list if phone_list is not None else phones(*by_ip),
+        by_ip,
+        updater_max_age_s=MAX_AGE,
+        grouping=grouping,
+        campaign_agents=campaign_agents,
+        mode=VICIDIAL_MODE,
+        balanced=balanced,
+    )
+
+
+def picked(result: Assignment) -> str | None:
+    return None if result.chosen is None else result.chosen.phone.server_ip
+
+
+@pytest.mark.parametrize(
+    ("agents", "expected"),
+    [
+        ((5, 3, 4), "10.10.0.2"),  # fewest agents
+        ((3, 3, 4), "10.10.0.2"),  # a tie: the later login (the screen's `>=`)
+        ((2, 3, 2), "10.10.0.3"),  # a tie across a larger count in between
+        ((0, 9, 9), "10.10.0.1"),
+        ((7, 7, 7), "10.10.0.3"),
+    ],
+)
+def test_vicidial_fewest_agents_and_ties(agents: tuple[int, ...], expected: str) -> None:
+    facts = [server(f"10.10.0.{i}", agents=n) for i, n in enumerate(agents, start=1)]
+    result = vchoose(facts)
+    assert picked(result) == expected and not result.grouped and result.mode == "vicidial"
+    assert result.reason.startswith(f"fewest agents: {min(agents)} non-remote agents")
+
+
+def test_vicidial_tie_is_named_in_the_reason() -> None:
+    result = vchoose([server("10.10.0.1", agents=3), server("10.10.0.2", agents=3)])
+    assert result.reason == (
+        "fewest agents: 3 non-remote agents logged in, among 2 eligible logins "
+        "(tied with 100: the later login wins, as in the agent screen)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"active": False}, "server inactive (active='N')"),
+        ({"login_flag": "N"}, "agent logins off (active_agent_login_server='N')"),
+        ({"login_flag": None}, "agent logins off (active_agent_login_server=None)"),
+        # The screen sees the flag as it is: a 'N' the balancer holds is a 'N' to it.
+        (
+            {"login_flag": "N", "flag_record": LoginFlagRecord("10.10.0.1", "N")},
+            "agent logins off (active_agent_login_server='N')",
+        ),
+        ({"free_conferences": 0}, "no free conference in vicidial_conferences"),
+        ({"conf_engine": "CONFBRIDGE"}, "no free conference in vicidial_confbridges"),
+        ({"twin_server_ip": "10.10.0.9"}, "twin 10.10.0.9 not live (no server_updater row)"),
+        (
+            {"twin_server_ip": "10.10.0.9", "twin_updater_age_s": 120.0},
+            "twin 10.10.0.9 not live (server_updater 120s old (the agent screen wants < 120s))",
+        ),
+        ({"updater_age_s": None}, "no server_updater row"),
+        ({"updater_age_s": 120.0}, "server_updater 120s old (the agent screen wants < 120s)"),
+    ],
+)
+def test_vicidial_skips_what_the_agent_screen_skips(
+    change: dict[str, object], problem: str
+) -> None:
+    bad = server("10.10.0.1", **change)  # emptiest: would win
+    # (free confbridges too: after a CONFBRIDGE server the screen looks there, see below)
+    ok = server("10.10.0.2", agents=9, free_confbridges=1)
+    result = vchoose([bad, ok])
+    assert picked(result) == "10.10.0.2"
+    assert result.candidates[0].problems[0] == problem
+    assert result.reason.endswith(f"; skipped 10.10.0.1: {problem}")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"health": Health.DOWN},
+        {"health": None},
+        {"drained": True},
+        {"agents": 50, "capacity": 20},
+        {"trunk_lines": 23},
+        {"updater_age_s": 119.0},  # our own 60 s limit is not the screen's
+        {"twin_server_ip": "10.10.0.9", "twin_updater_age_s": 119.0},
+        {"twin_server_ip": "1.23"},  # 4 characters: too short to name a twin
+        {"conf_engine": "CONFBRIDGE", "free_conferences": 0, "free_confbridges": 1},
+        {"login_flag": "Y", "flag_record": LoginFlagRecord("10.10.0.1", "N")},  # released
+    ],
+)
+def test_vicidial_ignores_what_the_agent_screen_does_not_know(change: dict[str, object]) -> None:
+    f = server("10.10.0.1", **change)
+    assert picked(vchoose([f, server("10.10.0.2", agents=99)])) == "10.10.0.1", change
+
+
+def test_vicidial_confbridge_table_sticks_for_the_rest_of_the_walk() -> None:
+    """The screen switches to vicidial_confbridges at a CONFBRIDGE server and never back."""
+    meetme = server("10.10.0.1", agents=0, free_conferences=3, free_confbridges=0)
+    bridge = server(
+        "10.10.0.2", agents=5, conf_engine="CONFBRIDGE", free_conferences=0, free_confbridges=2
+    )
+    later = server("10.10.0.3", agents=1, free_conferences=3, free_confbridges=0)
+    walk = [
+        PhoneCandidate("103", "103", "10.10.0.3", 0),
+        PhoneCandidate("102", "102", "10.10.0.2", 1),
+        PhoneCandidate("101", "101", "10.10.0.1", 2),
+    ]
+    # In this order 10.10.0.1 comes after the ConfBridge server: looked up in confbridges.
+    result = vchoose([meetme, bridge, later], phone_list=walk)
+    assert picked(result) == "10.10.0.3"
+    by_ip = {c.phone.server_ip: c for c in result.candidates}
+    assert by_ip["10.10.0.1"].problems == ("no free conference in vicidial_confbridges",)
+    # MEETME servers first: each is looked up in vicidial_conferences.
+    assert picked(vchoose([meetme, bridge, later])) == "10.10.0.1"
+
+
+def test_vicidial_one_server_only_takes_the_first_login_with_the_campaign() -> None:
+    facts = [
+        server("10.10.0.1", agents=1),
+        server("10.10.0.2", agents=9),
+        server("10.10.0.3", agents=20),
+    ]
+    grouping = Grouping("C1", GroupingMode.ONE_SERVER_ONLY)
+    # The first eligible server with any of the campaign's agents, not the one with most.
+    result = vchoose(facts, grouping, {"10.10.0.2": 1, "10.10.0.3": 15})
+    assert picked(result) == "10.10.0.2" and result.grouped
+    assert (
+        result.reason == "ONE_SERVER_ONLY: the first eligible server with campaign C1's agents (1)"
+    )
+    # That server ineligible: the next one with the campaign.
+    down = [facts[0], replace(facts[1], free_conferences=0), facts[2]]
+    assert picked(vchoose(down, grouping, {"10.10.0.2": 1, "10.10.0.3": 15})) == "10.10.0.3"
+    # None eligible with the campaign: fewest agents.
+    result = vchoose(facts, grouping, {"10.10.0.9": 4})
+    assert picked(result) == "10.10.0.1" and not result.grouped
+    assert result.reason.startswith("ONE_SERVER_ONLY: no eligible server has campaign C1's agents")
+
+
+@pytest.mark.parametrize(
+    ("campaign", "server_agents", "limits", "expected"),
+    [
+        ({"10.10.0.2": 3}, (1, 9, 20), (50, 100), "10.10.0.2"),  # campaign here, under both
+        ({"10.10.0.2": 3, "10.10.0.3": 1}, (1, 9, 20), (50, 100), "10.10.0.2"),  # the first
+        ({"10.10.0.2": 50, "10.10.0.3": 1}, (1, 9, 20), (50, 100), "10.10.0.3"),  # at the limit
+        ({"10.10.0.2": 3, "10.10.0.3": 1}, (1, 9, 20), (50, 9), "10.10.0.1"),  # server at 9
+        ({"10.10.0.2": 3}, (1, 9, 20), (50, 10), "10.10.0.2"),  # server 9 < 10
+        ({}, (4, 2, 3), (50, 100), "10.10.0.2"),  # no campaign agents anywhere: fewest
+        ({"10.10.0.2": 3}, (1, 9, 20), (0, 100), "10.10.0.1"),  # limit 0 groups nothing
+    ],
+)
+def test_vicidial_cascading_limits(
+    campaign: dict[str, int],
+    server_agents: tuple[int, int, int],
+    limits: tuple[int, int],
+    expected: str,
+) -> None:
+    facts = [server(f"10.10.0.{i}", agents=n) for i, n in enumerate(server_agents, start=1)]
+    grouping = Grouping("C2", GroupingMode.CASCADING, *limits)
+    result = vchoose(facts, grouping, campaign)
+    assert picked(result) == expected
+    grouped = campaign.get(expected, 0) > 0 and expected != "10.10.0.1"
+    assert result.grouped is grouped
+    if grouped:
+        n = campaign[expected]
+        assert result.reason.startswith(f"CASCADING: campaign C2 has {n}/{limits[0]} agents here")
+
+
+def test_vicidial_single_login_and_refusals() -> None:
+    lonely = server("10.10.0.1", free_conferences=0, updater_age_s=None)
+    # One login, no comma: used as it is, without the walk's checks.
+    result = vchoose([lonely], balanced=False)
+    assert picked(result) == "10.10.0.1"
+    assert result.reason.startswith("a single login: the agent screen uses it as it is")
+    result = vchoose([replace(lonely, login_flag="N")], balanced=False)
+    assert result.chosen is None and "refuses this single login: agent logins off" in result.reason
+    inactive = [PhoneCandidate("101", "101", "10.10.0.1", 0, active=False)]
+    result = vchoose([lonely], phone_list=inactive, balanced=False)
+    assert result.chosen is None and "phone 101 inactive" in result.reason
+    # A list: the screen refuses it unless one phone is active on a server open for logins.
+    both_inactive = [
+        PhoneCandidate("101", "101", "10.10.0.1", 0, active=False),
+        PhoneCandidate("102", "102", "10.10.0.2", 1, active=False),
+    ]
+    facts = [server("10.10.0.1"), server("10.10.0.2")]
+    result = vchoose(facts, phone_list=both_inactive)
+    assert result.chosen is None and result.reason.startswith("the agent screen refuses this login")
+    # It picks an inactive phone (its walk does not look), and that login then fails.
+    mixed = [both_inactive[0], PhoneCandidate("102", "102", "10.10.0.2", 1)]
+    result = vchoose([server("10.10.0.1"), server("10.10.0.2", agents=5)], phone_list=mixed)
+    assert result.chosen is None
+    assert result.reason.startswith("the agent screen would take 101 on 10.10.0.1")
+    assert result.reason.endswith("but that phone is inactive (phones.active='N'): its login fails")
+    # Nothing eligible.
+    result = vchoose([server("10.10.0.1", active=False)])
+    assert result.reason == "no eligible login: 10.10.0.1: server inactive (active='N')"
+
+
+def test_vicidial_reads_one_phones_row_per_login() -> None:
+    facts = [server("10.10.0.1", agents=5), server("10.10.0.2", agents=0)]
+    rows = [
+        PhoneCandidate("101", "101", "10.10.0.1", 0),
+        PhoneCandidate("101", "101b", "10.10.0.2", 1),  # a second row of the same login
+    ]
+    result = vchoose(facts, phone_list=rows)
+    assert picked(result) == "10.10.0.1" and len(result.candidates) == 1
+    unknown = [PhoneCandidate("109", "109", "10.10.0.9", 0), rows[0]]
+    result = vchoose(facts, phone_list=unknown)
+    assert picked(result) == "10.10.0.1"
+    assert result.candidates[0].problems == ("not in the servers table",)
+
+
+SERVER_ROWS = st.tuples(
+    st.integers(0, 6),  # agents
+    st.booleans(),  # active
+    st.sampled_from(["Y", "Y", "Y", "N", None]),  # login flag
+    st.sampled_from(["MEETME", "MEETME", "CONFBRIDGE"]),
+    st.integers(0, 2),  # free vicidial_conferences
+    st.integers(0, 2),  # free vicidial_confbridges
+    st.sampled_from([None, 1.0, 1.0, 119.0, 120.0, 500.0]),  # server_updater age
+    st.sampled_from(["", "", "10.9.9.9"]),  # a twin
+    st.integers(0, 3),  # this campaign's agents
+    st.sampled_from([Health.UP, Health.DOWN, None]),  # the screen does not look
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(SERVER_ROWS, min_size=1, max_size=7),
+    st.sampled_from(list(GroupingMode)),
+    st.integers(0, 4),
+    st.integers(0, 8),
+    st.sampled_from([None, 1.0, 200.0]),  # the twin's server_updater age
+    st.randoms(use_true_random=False),
+)
+def test_property_vicidial_picks_the_fewest_agents_unless_grouped(
+    rows: list[tuple[int, bool, str | None, str, int, int, float | None, str, int, Health | None]],
+    mode: GroupingMode,
+    campaign_limit: int,
+    system_limit: int,
+    twin_age: float | None,
+    rng: object,
+) -> None:
+    facts = [
+        server(
+            f"10.0.0.{i}",
+            agents=a,
+            active=act,
+            login_flag=flag,
+            conf_engine=engine,
+            free_conferences=meetme,
+            free_confbridges=bridges,
+            updater_age_s=age,
+            twin_server_ip=twin,
+            twin_updater_age_s=twin_age if twin else None,
+            health=health,
+        )
+        for i, (a, act, flag, engine, meetme, bridges, age, twin, _, health) in enumerate(
+            rows, start=1
+        )
+    ]
+    order = list(range(len(facts)))
+    rng.shuffle(order)  # type: ignore[attr-defined]
+    walk = [
+        PhoneCandidate(f"p{i}", f"p{i}", facts[i].server_ip, pos) for pos, i in enumerate(order)
+    ]
+    campaign = {f.server_ip: row[8] for f, row in zip(facts, rows, strict=True)}
+    grouping = Grouping("C", mode, campaign_limit, system_limit)
+    by_ip = {f.server_ip: f for f in facts}
+    result = choose_phone(
+        walk,
+        by_ip,
+        updater_max_age_s=MAX_AGE,
+        grouping=grouping,
+        campaign_agents=campaign,
+        mode=VICIDIAL_MODE,
+    )
+
+    # The oracle: the rule as VICIDIAL.md states it, written out once more.
+    eligible: list[ServerFacts] = []
+    table = "vicidial_conferences"
+    for phone in walk:
+        f = by_ip[phone.server_ip]
+        if f.conf_engine == "CONFBRIDGE":
+            table = "vicidial_confbridges"
+        free = f.free_confbridges if table == "vicidial_confbridges" else f.free_conferences
+        twin_ok = not f.twin_server_ip or (
+            f.twin_updater_age_s is not None and f.twin_updater_age_s < 120
+        )
+        updater_ok = f.updater_age_s is not None and f.updater_age_s < 120
+        if f.active and f.login_flag == "Y" and free > 0 and twin_ok and updater_ok:
+            eligible.append(f)
+    if not eligible:
+        assert result.chosen is None
+        return
+    assert result.chosen is not None and result.chosen.facts is not None
+    chosen = result.chosen.facts
+    assert chosen in eligible
+    if mode is GroupingMode.ONE_SERVER_ONLY:
+        wanted = [f for f in eligible if campaign[f.server_ip] > 0]
+    elif mode is GroupingMode.CASCADING:
+        wanted = [
+            f
+            for f in eligible
+            if 0 < campaign[f.server_ip] < campaign_limit and f.agents < system_limit
+        ]
+    else:
+        wanted = []
+    if wanted:
+        # A grouping rule applies: the first eligible login it wants.
+        assert result.grouped and chosen == wanted[0]
+        return
+    assert not result.grouped
+    fewest = min(f.agents for f in eligible)
+    assert chosen.agents == fewest
+    # ...and of those, the last in the walk (the screen's tie rule).
+    assert chosen == [f for f in eligible if f.agents == fewest][-1]
 
 
 # --------------------------------------------------------------------------- build_facts
@@ -444,3 +818,40 @@ def test_flag_changes_are_ordered_by_server() -> None:
         "10.10.0.2",
         "10.10.0.3",
     ]
+
+
+def test_flags_document_says_which_flags_are_held_and_why() -> None:
+    held = replace(
+        server("10.10.0.2", agents=19),
+        login_flag="N",
+        flag_record=LoginFlagRecord(
+            "10.10.0.2", "N", "Y", "at agent capacity (20/20)", "2026-01-02 03:04:05"
+        ),
+    )
+    admin = server("10.10.0.3", login_flag="N")  # the admin's own: not ours
+    open_ = server("10.10.0.1")
+    down = replace(held, server_ip="10.10.0.4", server_id="ast4", health=Health.DOWN)
+    doc = flags_document([open_, held, admin, down], FLAGS, {"10.10.0.2": 60.0}, 1000.0)
+    assert doc == {
+        "version": 1,
+        "published_at": 1000.0,
+        "held": [
+            {
+                "server_ip": "10.10.0.2",
+                "server_id": "ast2",
+                "closed_because": "at agent capacity (20/20)",
+                "since": "2026-01-02 03:04:05",
+                "restores": "Y",
+                "now": "19/20 agents, re-opens at 18",
+            },
+            {
+                "server_ip": "10.10.0.4",
+                "server_id": "ast4",
+                "closed_because": "at agent capacity (20/20)",
+                "since": "2026-01-02 03:04:05",
+                "restores": "Y",
+                "now": "DOWN",
+            },
+        ],
+        "not_ours": [{"server_ip": "10.10.0.3", "server_id": "ast3", "flag": "N"}],
+    }

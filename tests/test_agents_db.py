@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import execute, fetchall
 
+from balancer.agents.facts import Grouping, GroupingMode
 from balancer.cli.app import main
 from balancer.db import agents as db_agents
 from balancer.db.connection import Connection
@@ -102,21 +103,29 @@ def add_alias(db: Connection, alias: str, logins: str) -> None:
     )
 
 
-def add_campaign(db: Connection, campaign: str, mode: str | None = None, limit: int = 0) -> None:
+def add_campaign(
+    db: Connection, campaign: str, grouping: str | None = None, limit: int | None = None
+) -> None:
+    """A campaign, with VICIdial's own login grouping columns when given (else its defaults)."""
     execute(
         db,
         "INSERT INTO vicidial_campaigns (campaign_id, campaign_name, active) VALUES (%s, %s, 'Y')",
         campaign,
         campaign,
     )
-    if mode is not None:
+    if grouping is not None:
         execute(
             db,
-            "INSERT INTO vb_campaign_grouping (campaign_id, mode, cascade_limit)"
-            " VALUES (%s, %s, %s)",
+            "UPDATE vicidial_campaigns SET pllb_grouping = %s WHERE campaign_id = %s",
+            grouping,
             campaign,
-            mode,
+        )
+    if limit is not None:
+        execute(
+            db,
+            "UPDATE vicidial_campaigns SET pllb_grouping_limit = %s WHERE campaign_id = %s",
             limit,
+            campaign,
         )
 
 
@@ -159,14 +168,16 @@ async def drained_in_store(redis_url: str) -> set[str]:
 
 
 def write_config(
-    tmp_path: Path, database_url: DatabaseUrl, redis_url: str, extra: str = ""
+    tmp_path: Path, database_url: DatabaseUrl, redis_url: str, extra: str = "", mode: str = ""
 ) -> Path:
     path = tmp_path / "vb.toml"
     path.write_text(
         f'[database]\nurl = "{database_url.unmasked()}"\n'
         f'[redis]\nurl = "{redis_url}"\nkey_prefix = "{PREFIX}"\n'
         "[agents]\ndefault_capacity = 20\n"
-        '[agents.capacity]\n"10.10.0.1" = 40\n"10.10.0.2" = 10\n' + extra
+        + (f'mode = "{mode}"\n' if mode else "")
+        + '[agents.capacity]\n"10.10.0.1" = 40\n"10.10.0.2" = 10\n'
+        + extra
     )
     return path
 
@@ -209,30 +220,88 @@ def test_read_agent_tables(db: Connection) -> None:
     add_agents(db, "10.10.0.1", 3)
     add_agents(db, "10.10.0.1", 2, campaign="CAMP2")
     add_agents(db, "10.10.0.2", 1)
+    # Not counted, as in the agent screen's own query: a remote agent, and a NULL extension.
     execute(
         db,
         "INSERT INTO vicidial_live_agents (user, server_ip, extension, campaign_id)"
-        " VALUES ('remote1', '10.10.0.2', 'R/5551212', 'CAMP1')",
+        " VALUES ('remote1', '10.10.0.2', 'R/5551212', 'CAMP1'),"
+        " ('nullext', '10.10.0.1', NULL, 'CAMP1')",
     )
     execute(
         db,
         "UPDATE vicidial_conferences SET extension = 'SIP/1' WHERE server_ip = '10.10.0.1'"
         " AND conf_exten = 8600051",
     )
+    execute(
+        db,
+        "UPDATE servers SET conf_engine = 'CONFBRIDGE', active_twin_server_ip = ' 10.10.0.9 '"
+        " WHERE server_ip = '10.10.0.2'",
+    )
+    execute(
+        db,
+        "INSERT INTO vicidial_confbridges (conf_exten, server_ip, extension) VALUES"
+        " (9600000, '10.10.0.2', ''), (9600001, '10.10.0.2', NULL), (9600002, '10.10.0.2', 'x')",
+    )
     add_campaign(db, "CAMP1", "CASCADING", 4)
+    execute(db, "INSERT INTO system_settings (pllb_grouping_limit) VALUES (30)")
     tables = db_agents.read_agent_tables(db, "CAMP1")
-    assert tables.agents == {"10.10.0.1": 5, "10.10.0.2": 1}  # the remote agent is not counted
+    assert tables.agents == {"10.10.0.1": 5, "10.10.0.2": 1}
     assert tables.campaign_agents == {"10.10.0.1": 3, "10.10.0.2": 1}
     assert tables.free_conferences == {"10.10.0.1": 1}
+    assert tables.free_confbridges == {"10.10.0.2": 2}
     assert set(tables.updater_ages) == {"10.10.0.1"}
     assert 4.0 <= tables.updater_ages["10.10.0.1"] < 30
-    assert tables.servers["10.10.0.2"].login_flag == "N"
-    assert tables.servers["10.10.0.1"].max_trunks == 23
-    assert (tables.grouping.mode, tables.grouping.cascade_limit) == ("CASCADING", 4)
-    assert db_agents.read_agent_tables(db).grouping.mode == "NONE"
-    assert db_agents.find_server(db, "ast2") == tables.servers["10.10.0.2"]
-    assert db_agents.find_server(db, "10.10.0.1") == tables.servers["10.10.0.1"]
+    two = tables.servers["10.10.0.2"]
+    assert (two.login_flag, two.conf_engine, two.twin_server_ip) == ("N", "CONFBRIDGE", "10.10.0.9")
+    one = tables.servers["10.10.0.1"]
+    assert (one.max_trunks, one.conf_engine, one.twin_server_ip) == (23, "MEETME", "")
+    assert tables.grouping == Grouping("CAMP1", GroupingMode.CASCADING, 4, 30)
+    assert db_agents.read_agent_tables(db).grouping.mode is GroupingMode.DISABLED
+    add_campaign(db, "PLAIN")
+    assert db_agents.load_grouping(db, "PLAIN") == Grouping("PLAIN", GroupingMode.DISABLED, 50, 30)
+    execute(db, "DELETE FROM system_settings")
+    execute(db, "UPDATE vicidial_campaigns SET pllb_grouping_limit = NULL")
+    # No system_settings row: VICIdial's default; a NULL limit: nothing is below it.
+    assert db_agents.load_grouping(db, "CAMP1") == Grouping("CAMP1", GroupingMode.CASCADING, 0, 100)
+    assert db_agents.find_server(db, "ast2") == db_agents.load_server_records(db)["10.10.0.2"]
+    assert db_agents.find_server(db, "10.10.0.1") == db_agents.load_server_records(db)["10.10.0.1"]
     assert db_agents.find_server(db, "nope") is None
+    # The keeper's lighter read: no conferences, no optional columns.
+    flags = db_agents.read_flag_tables(db)
+    assert flags.agents == tables.agents and flags.free_conferences == {}
+    assert flags.servers["10.10.0.2"].conf_engine == "MEETME"
+
+
+def test_older_vicidial_schema_without_confbridge_or_twin(
+    database_url: DatabaseUrl, db: Connection
+) -> None:
+    """A VICIdial from before ConfBridge and twins: their defaults, no error."""
+    from balancer.db import schema
+    from balancer.db.connection import connect, connect_server
+
+    name = f"{database_url.database}_old"
+    admin = connect_server(database_url)
+    try:
+        execute(admin, f"DROP DATABASE IF EXISTS `{name}`")
+        execute(admin, f"CREATE DATABASE `{name}`")
+        old = connect(database_url.with_database(name))
+        try:
+            schema.install(old)
+            execute(old, "DROP TABLE vicidial_confbridges")
+            execute(
+                old,
+                "ALTER TABLE servers DROP COLUMN conf_engine, DROP COLUMN active_twin_server_ip",
+            )
+            add_server(old, "10.10.0.1")
+            tables = db_agents.read_agent_tables(old)
+            record = tables.servers["10.10.0.1"]
+            assert (record.conf_engine, record.twin_server_ip) == ("MEETME", "")
+            assert tables.free_confbridges == {} and tables.free_conferences == {"10.10.0.1": 3}
+        finally:
+            old.close()
+    finally:
+        execute(admin, f"DROP DATABASE IF EXISTS `{name}`")
+        admin.close()
 
 
 # --------------------------------------------------------------------------- assign-phone
@@ -282,7 +351,13 @@ def test_assign_prefers_spare_capacity_over_agent_count(
     doc = json.loads(result.output)
     assert doc["chosen"]["server_ip"] == "10.10.0.1"  # 0.85 < 0.90
     assert doc["alias_id"] is None and doc["logins"] == ["101", "102", "103"]
-    assert doc["grouping"] == {"mode": "NONE", "cascade_limit": 0}
+    assert doc["mode"] == "capacity"
+    assert doc["grouping"] == {
+        "mode": "DISABLED",
+        "campaign_limit": 50,
+        "system_limit": 100,
+        "applied": False,
+    }
     by_ip = {c["server_ip"]: c for c in doc["candidates"]}
     assert by_ip["10.10.0.2"]["score"] == 0.9 and by_ip["10.10.0.2"]["eligible"] is True
     assert by_ip["10.10.0.3"]["eligible"] is False
@@ -295,6 +370,7 @@ def test_assign_prefers_spare_capacity_over_agent_count(
             "logins",
             "missing_logins",
             "campaign_id",
+            "mode",
             "grouping",
             "chosen",
             "reason",
@@ -326,7 +402,7 @@ def test_assign_skips_down_drained_admin_and_no_conference(
     problems = {c["server_ip"]: c["problems"][0] for c in doc["candidates"] if c["problems"]}
     assert problems["10.10.0.1"] == "DRAINED"
     assert problems["10.10.0.2"].startswith("agent logins off by the admin")
-    assert problems["10.10.0.3"] == "no free conference"
+    assert problems["10.10.0.3"] == "no free conference in vicidial_conferences"
     assert problems["10.10.0.4"].startswith("server_updater stale")
     text = cli(config, "assign-phone", "101,102,103,104,105,999")
     assert text.output.rstrip().endswith("; not in phones: 999")
@@ -379,7 +455,12 @@ def test_assign_grouping_modes(
     doc = pick("ONE")
     assert doc["chosen"]["server_ip"] == "10.10.0.3"  # type: ignore[index]
     assert "ONE_SERVER_ONLY: campaign ONE already has 2 agents here" in str(doc["reason"])
-    assert doc["grouping"] == {"mode": "ONE_SERVER_ONLY", "cascade_limit": 0}
+    assert doc["grouping"] == {
+        "mode": "ONE_SERVER_ONLY",
+        "campaign_limit": 50,
+        "system_limit": 100,
+        "applied": True,
+    }
     # No grouping: plain score (10.10.0.2 is empty).
     assert pick("PLAIN")["chosen"]["server_ip"] == "10.10.0.2"  # type: ignore[index]
 
@@ -391,6 +472,91 @@ def test_assign_grouping_modes(
         seen.append(ip)
         add_agents(db, ip, 1, campaign="CASC")
     assert seen == ["10.10.0.2"] * 3 + ["10.10.0.3"] * 3
+
+
+def test_assign_in_vicidial_mode_picks_what_the_agent_screen_picks(
+    db: Connection, database_url: DatabaseUrl, tmp_path: Path
+) -> None:
+    """agents.mode = "vicidial": VICIdial's own rule from VICIdial's own tables, no live state
+    needed (so memory:// will do)."""
+    for ip in ("10.10.0.1", "10.10.0.2", "10.10.0.3"):
+        add_server(db, ip)
+    add_server(db, "10.10.0.4", conferences=0)
+    execute(
+        db,
+        "UPDATE servers SET conf_engine = 'CONFBRIDGE' WHERE server_ip = '10.10.0.4'",
+    )
+    execute(
+        db,
+        "INSERT INTO vicidial_confbridges (conf_exten, server_ip, extension)"
+        " VALUES (9600000, '10.10.0.4', '')",
+    )
+    execute(
+        db, "UPDATE servers SET active_twin_server_ip = '10.10.0.9' WHERE server_ip = '10.10.0.2'"
+    )
+    for n in range(1, 5):
+        add_phone(db, f"10{n}", f"10.10.0.{n}")
+    add_alias(db, "agent7", "101,102,103,104")
+    add_agents(db, "10.10.0.1", 2)
+    for i in range(3):  # remote agents: not counted
+        execute(
+            db,
+            "INSERT INTO vicidial_live_agents (user, server_ip, extension, campaign_id)"
+            " VALUES (%s, '10.10.0.1', %s, 'CAMP1')",
+            f"remote{i}",
+            f"R/55512{i}",
+        )
+    add_agents(db, "10.10.0.3", 2)
+    add_agents(db, "10.10.0.4", 2)
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    config = write_config(memory, database_url, "memory://", mode="vicidial")
+
+    def pick(*extra: str) -> dict[str, object]:
+        result = cli(config, "assign-phone", "agent7", "--json", *extra)
+        assert result.exit_code == 0, result.output
+        doc: dict[str, object] = json.loads(result.output)
+        return doc
+
+    # 10.10.0.2's twin has no server_updater: skipped. 2 agents each on the rest (the remote
+    # ones do not count); the tie goes to the later login, the ConfBridge server's.
+    doc = pick()
+    assert doc["mode"] == "vicidial" and doc["chosen"]["login"] == "104"  # type: ignore[index]
+    assert doc["chosen"]["conference_table"] == "vicidial_confbridges"  # type: ignore[index]
+    assert str(doc["reason"]).startswith(
+        "fewest agents: 2 non-remote agents logged in, among 3 eligible logins "
+        "(tied with 101, 103: the later login wins"
+    )
+    assert "skipped 10.10.0.2: twin 10.10.0.9 not live (no server_updater row)" in str(
+        doc["reason"]
+    )
+    execute(db, "INSERT INTO server_updater (server_ip, last_update) VALUES ('10.10.0.9', NOW())")
+    assert pick()["chosen"]["login"] == "102"  # type: ignore[index]
+
+    # ONE_SERVER_ONLY: the first eligible login whose server has the campaign's agents.
+    add_campaign(db, "ONE", "ONE_SERVER_ONLY")
+    add_agents(db, "10.10.0.3", 1, campaign="ONE")
+    doc = pick("--campaign", "ONE")
+    assert doc["chosen"]["login"] == "103"  # type: ignore[index]
+    assert doc["grouping"]["applied"] is True  # type: ignore[index]
+    # CASCADING: under the campaign's limit (2) and the system's.
+    add_campaign(db, "CASC", "CASCADING", 2)
+    add_agents(db, "10.10.0.1", 1, campaign="CASC")
+    assert pick("--campaign", "CASC")["chosen"]["login"] == "101"  # type: ignore[index]
+    add_agents(db, "10.10.0.1", 1, campaign="CASC")  # at the limit now: fewest agents again
+    assert pick("--campaign", "CASC")["chosen"]["login"] == "102"  # type: ignore[index]
+    execute(db, "INSERT INTO system_settings (pllb_grouping_limit) VALUES (3)")
+    execute(db, "UPDATE vicidial_campaigns SET pllb_grouping_limit = 9 WHERE campaign_id = 'CASC'")
+    # 10.10.0.1 has 4 non-remote agents, the system limit is 3: not cascaded to.
+    doc = pick("--campaign", "CASC")
+    assert doc["chosen"]["login"] == "102" and doc["grouping"]["applied"] is False  # type: ignore[index]
+    rows = fetchall(db, "SELECT details FROM vb_decision_log WHERE kind = 'assign_phone'")
+    assert {json.loads(str(r["details"]))["mode"] for r in rows} == {"vicidial"}
+
+    # One login, no list: the screen uses it as it is.
+    result = cli(config, "assign-phone", "102")
+    assert result.exit_code == 0
+    assert "a single login: the agent screen uses it as it is" in result.output
 
 
 # --------------------------------------------------------------------------- drain / undrain

@@ -174,6 +174,7 @@ def test_cli_bad_route_exits_2_naming_it(tmp_path: Path) -> None:
         ({"balance": {"mode": "fast"}}, "balance.mode"),
         ({"balance": {"staggered": 1}}, "balance.staggered"),
         ({"agents": {"default_capacity": -1}}, "agents.default_capacity"),
+        ({"agents": {"mode": "fewest"}}, "agents.mode"),
         ({"agents": {"capacity": {"10.0.0.1": "many"}}}, "agents.capacity.10.0.0.1"),
         ({"carriers": [{"id": "a"}]}, "carriers[0].dial_prefix"),
         ({"carriers": [{"dial_prefix": "9"}]}, "carriers[0].id"),

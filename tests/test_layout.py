@@ -26,6 +26,8 @@ PURE = (
     "balancer.balance.fields",
     "balancer.carriers.routing",
     "balancer.agents.choice",
+    "balancer.agents.facts",
+    "balancer.agents.flag_rules",
     "balancer.live.health",
     "balancer.live.registry",
     "balancer.kamailio.model",

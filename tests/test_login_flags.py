@@ -12,7 +12,7 @@ import pytest_asyncio
 from conftest import execute, fetchall
 from tracking_helpers import FAST_HEALTH, eventually, health_is, make_config, running, seed_server
 
-from balancer.agents.choice import FlagAction, FlagChange
+from balancer.agents.flag_rules import FlagAction, FlagChange
 from balancer.agents.login_flags import LoginFlagKeeper, flag_settings
 from balancer.config import AgentsConfig, Config, HealthConfig
 from balancer.daemon import Daemon

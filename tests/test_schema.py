@@ -35,6 +35,7 @@ VICIDIAL_TABLES = {
     "phones_alias",
     "server_updater",
     "vicidial_conferences",
+    "vicidial_confbridges",
     "vicidial_server_carriers",
     "vicidial_dial_cid_log",
     "vicidial_lead_24hour_calls",
@@ -45,7 +46,6 @@ BALANCER_TABLES = {
     "vb_decision_log",
     "vb_login_flags",
     "vb_schema_version",
-    "vb_campaign_grouping",
     "vb_call_retries",
     "vb_leader",
 }
@@ -490,6 +490,8 @@ def test_server_defaults_match_vicidial(db: Connection) -> None:
             "answer_transfer_agent",
             "local_gmt",
             "outbound_calls_per_second",
+            "conf_engine",
+            "active_twin_server_ip",
         )
     } == {
         "telnet_host": "localhost",
@@ -507,6 +509,8 @@ def test_server_defaults_match_vicidial(db: Connection) -> None:
         "answer_transfer_agent": "8365",
         "local_gmt": "-5.00",
         "outbound_calls_per_second": 5,
+        "conf_engine": "MEETME",
+        "active_twin_server_ip": "",
     }
     with pytest.raises(pymysql.err.IntegrityError):
         run(db, "INSERT INTO servers (server_id, server_ip) VALUES ('dflt2', '10.7.7.7')")
@@ -520,7 +524,8 @@ def test_other_vicidial_defaults(db: Connection) -> None:
         settings["outbound_calls_per_second"],
         settings["disable_auto_dial"],
         settings["call_limit_24hour"],
-    ) == ("1", 10, "0", "0")
+        settings["pllb_grouping_limit"],
+    ) == ("1", 10, "0", "0", 100)
 
     run(db, "INSERT INTO vicidial_campaigns (campaign_id, active) VALUES ('DFLT', 'Y')")
     campaign = rows(db, "SELECT * FROM vicidial_campaigns WHERE campaign_id = 'DFLT'")[0]
@@ -533,7 +538,9 @@ def test_other_vicidial_defaults(db: Connection) -> None:
         campaign["queue_priority"],
         campaign["auto_alt_dial"],
         campaign["use_custom_cid"],
-    ) == (60, "9", "0000000000", "8368", "N", 50, "NONE", "N")
+        campaign["pllb_grouping"],
+        campaign["pllb_grouping_limit"],
+    ) == (60, "9", "0000000000", "8368", "N", 50, "NONE", "N", "DISABLED", 50)
 
     run(
         db,
@@ -607,6 +614,10 @@ def test_other_vicidial_defaults(db: Connection) -> None:
     assert rows(db, "SELECT extension FROM vicidial_conferences WHERE conf_exten = 8600051") == [
         {"extension": ""}
     ]
+    run(db, "INSERT INTO vicidial_confbridges (conf_exten, server_ip) VALUES (9600000, '10.7.7.7')")
+    assert rows(db, "SELECT extension FROM vicidial_confbridges WHERE conf_exten = 9600000") == [
+        {"extension": ""}
+    ]
     run(db, "INSERT INTO server_updater (server_ip, last_update) VALUES ('10.7.7.7', NOW())")
     with pytest.raises(pymysql.err.IntegrityError):
         run(db, "INSERT INTO server_updater (server_ip, last_update) VALUES ('10.7.7.7', NOW())")
@@ -637,10 +648,10 @@ def test_an_old_schema_is_upgraded_in_order_and_check_names_it(empty_db: Connect
         cur.execute("ALTER TABLE vb_decision_log DROP COLUMN epoch")
         cur.execute("DELETE FROM vb_schema_version WHERE version > 1")
     problems = [p.message for p in schema.check(empty_db)]
-    assert any("schema version 1, this balancer needs 3" in m for m in problems), problems
+    assert any("schema version 1, this balancer needs 4" in m for m in problems), problems
     report = schema.install(empty_db)
     assert sorted(report.created) == ["vb_call_retries", "vb_leader"]
-    assert report.migrated == [2, 3]
+    assert report.migrated == [2, 3, 4] and report.notes == []
     assert schema.check(empty_db) == []
     columns = rows(
         empty_db,
@@ -653,8 +664,8 @@ def test_an_old_schema_is_upgraded_in_order_and_check_names_it(empty_db: Connect
     assert again.created == [] and again.migrated == []
     # a half-applied step (the column already there) is run again without harm
     with empty_db.cursor() as cur:
-        cur.execute("DELETE FROM vb_schema_version WHERE version = 3")
-    assert schema.install(empty_db).migrated == [3]
+        cur.execute("DELETE FROM vb_schema_version WHERE version >= 3")
+    assert schema.install(empty_db).migrated == [3, 4]
 
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -679,6 +690,121 @@ def test_a_schema_installed_by_an_earlier_release_upgrades(
     assert "vb_leader" in report.created
     assert ("vb_call_retries" in report.created) == (commit == "4dabe00")
     assert [p.message for p in schema.check(empty_db) if p.table.startswith("vb_")] == []
+    assert "vb_campaign_grouping" not in _tables(empty_db) and report.notes == []
     # the upgraded tables take what the code writes now
     run(empty_db, "INSERT INTO vb_decision_log (kind, epoch) VALUES ('balance', 7)")
     assert rows(empty_db, "SELECT epoch FROM vb_decision_log") == [{"epoch": 7}]
+
+
+def _tables(conn: Connection) -> set[str]:
+    return {
+        str(r["t"])
+        for r in rows(
+            conn,
+            "SELECT table_name AS t FROM information_schema.tables WHERE table_schema = DATABASE()",
+        )
+    }
+
+
+def _as_version_3(conn: Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sql/ as the last version-3 release had it (tests/data/schema-a8157c4, from git history:
+    with vb_campaign_grouping), installed by that release's code."""
+    with monkeypatch.context() as old:
+        old.setattr(schema, "SQL_DIR", DATA / "schema-a8157c4")
+        old.setattr(schema, "SCHEMA_VERSION", 3)
+        old.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:2])
+        schema.install(conn)
+    assert "vb_campaign_grouping" in _tables(conn)
+    assert rows(conn, "SELECT MAX(version) AS v FROM vb_schema_version") == [{"v": 3}]
+
+
+def test_upgrade_to_4_drops_vb_campaign_grouping_naming_each_row(
+    empty_db: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Login grouping moved to VICIdial's own vicidial_campaigns.pllb_grouping: each row the old
+    table held comes back as a note saying what to set there instead."""
+    _as_version_3(empty_db, monkeypatch)
+    run(
+        empty_db,
+        "INSERT INTO vb_campaign_grouping (campaign_id, mode, cascade_limit) VALUES"
+        " ('CAMP1', 'CASCADING', 3), ('CAMP2', 'ONE_SERVER_ONLY', 0), ('GONE', 'NONE', 0),"
+        " ('ZERO', 'CASCADING', 0)",
+    )
+    # VICIdial's own install has the columns (that release's test DDL did not declare them).
+    run(
+        empty_db,
+        "ALTER TABLE vicidial_campaigns"
+        " ADD pllb_grouping ENUM('DISABLED','ONE_SERVER_ONLY','CASCADING') DEFAULT 'DISABLED',"
+        " ADD pllb_grouping_limit SMALLINT DEFAULT 50",
+    )
+    run(
+        empty_db,
+        "INSERT INTO vicidial_campaigns (campaign_id, active, pllb_grouping)"
+        " VALUES ('CAMP1', 'Y', 'DISABLED'), ('CAMP2', 'Y', 'ONE_SERVER_ONLY')",
+    )
+    report = schema.install(empty_db)
+    assert report.migrated == [4]
+    assert report.notes == [
+        "vb_campaign_grouping dropped its row for campaign CAMP1 (mode CASCADING, cascade_limit"
+        " 3): set pllb_grouping = 'CASCADING', pllb_grouping_limit = 3 in that campaign's"
+        " vicidial_campaigns row (VICIdial's campaign screen) (it is now 'DISABLED', limit 50)",
+        "vb_campaign_grouping dropped its row for campaign CAMP2 (mode ONE_SERVER_ONLY,"
+        " cascade_limit 0): set pllb_grouping = 'ONE_SERVER_ONLY' in that campaign's"
+        " vicidial_campaigns row (VICIdial's campaign screen) (it is now 'ONE_SERVER_ONLY',"
+        " limit 50)",
+        "vb_campaign_grouping dropped its row for campaign GONE (mode NONE, cascade_limit 0):"
+        " set pllb_grouping = 'DISABLED' in that campaign's vicidial_campaigns row (VICIdial's"
+        " campaign screen)",
+        "vb_campaign_grouping dropped its row for campaign ZERO (mode CASCADING, cascade_limit"
+        " 0): set pllb_grouping = 'DISABLED' (cascade_limit 0 grouped nothing) in that"
+        " campaign's vicidial_campaigns row (VICIdial's campaign screen)",
+    ]
+    assert "vb_campaign_grouping" not in _tables(empty_db)
+    # VICIdial's tables as that release made them lack the new columns: only they are named.
+    assert {(p.table, p.column) for p in schema.check(empty_db)} == {
+        ("servers", "active_twin_server_ip"),
+        ("servers", "conf_engine"),
+        ("system_settings", "pllb_grouping_limit"),
+    }
+    assert "vicidial_confbridges" in report.created
+    # VICIdial's own rows are untouched: setting them is the admin's call.
+    assert rows(empty_db, "SELECT pllb_grouping FROM vicidial_campaigns ORDER BY campaign_id") == [
+        {"pllb_grouping": "DISABLED"},
+        {"pllb_grouping": "ONE_SERVER_ONLY"},
+    ]
+    # Idempotent: run again (the version lost), it finds nothing to say.
+    run(empty_db, "DELETE FROM vb_schema_version WHERE version = 4")
+    again = schema.install(empty_db)
+    assert again.migrated == [4] and again.notes == []
+
+
+def test_upgrade_to_4_with_an_empty_table_says_nothing(
+    empty_db: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _as_version_3(empty_db, monkeypatch)
+    report = schema.install(empty_db)
+    assert report.migrated == [4] and report.notes == []
+    assert "vb_campaign_grouping" not in _tables(empty_db)
+
+
+def test_schema_install_prints_the_notes(
+    empty_db: Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from balancer.cli.app import main
+
+    _as_version_3(empty_db, monkeypatch)
+    run(empty_db, "INSERT INTO vb_campaign_grouping VALUES ('CAMP1', 'CASCADING', 3)")
+    name = str(rows(empty_db, "SELECT DATABASE() AS d")[0]["d"])
+    url = _server_url().with_database(name)
+    config = tmp_path / "vb.toml"
+    config.write_text(f'[database]\nurl = "{url.unmasked()}"\n')
+    result = CliRunner().invoke(main, ["--config", str(config), "schema", "install"])
+    assert result.exit_code == 0, result.output
+    assert "  upgraded the vb_ tables to schema version 4" in result.output
+    assert (
+        "  NOTE: vb_campaign_grouping dropped its row for campaign CAMP1 (mode CASCADING,"
+        " cascade_limit 3): set pllb_grouping = 'CASCADING', pllb_grouping_limit = 3"
+    ) in result.output
+    assert ":vbtest@" not in result.output  # the password is never printed

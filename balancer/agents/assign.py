@@ -7,12 +7,13 @@ import asyncio
 from typing import Any
 
 from balancer.agents.choice import (
+    VICIDIAL_MODE,
     Assignment,
     CandidateView,
     PhoneCandidate,
-    build_facts,
     choose_phone,
 )
+from balancer.agents.facts import build_facts
 from balancer.config import Config
 from balancer.db import agents as db_agents
 from balancer.db.connection import connect
@@ -21,7 +22,7 @@ from balancer.errors import BalancerError
 from balancer.store.base import ServerState
 from balancer.store.factory import open_store
 
-ASSIGN_VERSION = 1
+ASSIGN_VERSION = 2
 
 
 # --------------------------------------------------------------------------- assign-phone
@@ -43,7 +44,9 @@ def _candidate_entry(view: CandidateView) -> dict[str, Any]:
         "capacity": None if load is None else load.capacity,
         "trunk_lines": None if load is None else load.trunks,
         "max_trunks": None if load is None else load.max_trunks,
-        "free_conferences": None if facts is None else facts.free_conferences,
+        "free_conferences": None if facts is None else facts.free_in(facts.conference_table),
+        "conference_table": None if facts is None else facts.conference_table,
+        "phone_active": view.phone.active,
     }
 
 
@@ -67,9 +70,12 @@ def assignment_document(
         "logins": list(resolved.logins),
         "missing_logins": list(resolved.missing),
         "campaign_id": campaign_id,
+        "mode": assignment.mode,
         "grouping": {
             "mode": str(assignment.grouping.mode),
-            "cascade_limit": assignment.grouping.cascade_limit,
+            "campaign_limit": assignment.grouping.campaign_limit,
+            "system_limit": assignment.grouping.system_limit,
+            "applied": assignment.grouped,
         },
         "chosen": chosen,
         "reason": assignment.reason,
@@ -105,7 +111,8 @@ def assign_phone(
     alias_or_logins: str,
     campaign_id: str | None = None,
 ) -> dict[str, Any]:
-    """Choose the phone login for an alias or login list, log the decision; the JSON document.
+    """Choose the phone login for an alias or login list by ``agents.mode``, log the decision;
+    the JSON document.
 
     Raises BalancerError for an unknown alias/logins or campaign.
     """
@@ -115,7 +122,9 @@ def assign_phone(
         if campaign_id is not None and not db_agents.campaign_exists(conn, campaign_id):
             raise BalancerError(f"campaign {campaign_id!r}: not in vicidial_campaigns")
         tables = db_agents.read_agent_tables(conn, campaign_id)
-        states, drained = asyncio.run(_live_state(config))
+        # The agent screen's own rule knows nothing of the live state.
+        vicidial = config.agents.mode == VICIDIAL_MODE
+        states, drained = ([], set()) if vicidial else asyncio.run(_live_state(config))
         facts = build_facts(tables, states, drained, config.agents)
         health = config.health
         assignment = choose_phone(
@@ -129,6 +138,8 @@ def assign_phone(
             else None,
             grouping=tables.grouping,
             campaign_agents=tables.campaign_agents,
+            mode=config.agents.mode,
+            balanced=resolved.balanced,
         )
         doc = assignment_document(assignment, resolved, campaign_id, tables.campaign_agents)
         chosen = assignment.chosen

@@ -1,252 +1,48 @@
-"""Agent phones by real capacity, and VICIdial's login flags kept honest (pure: no I/O).
+"""Which phone login of an alias (one login per server) an agent should use (pure: no I/O).
 
-Two decisions live here, both from the same per-server facts (`ServerFacts`):
+Two modes (`[agents] mode`), over the same `ServerFacts` (`facts.py`):
 
-* `choose_phone`: which phone login of an alias (one login per server) an agent should use. A
-  server is eligible when it is UP, not DRAINED, active, open for agent logins as the admin set it,
-  has a free conference, its server_updater is fresh and it is below its agent capacity. Its score
-  is the higher of its agent utilisation and its trunk utilisation; the lowest score wins, ties go
-  to fewer agents, then the alias's own order, then server_ip. VICIdial's campaign grouping modes
-  (ONE_SERVER_ONLY, CASCADING) narrow the choice first.
-* `decide_login_flags`: which `servers.active_agent_login_server` flags the balancer should close
-  ('N': DOWN, DRAINED, stale server_updater, at agent capacity) or re-open ('Y': UP for a settle
-  time and below capacity by the hysteresis margin). It only ever re-opens a flag it closed itself
-  (recorded in vb_login_flags), so an administrator's own 'N' is never overridden.
+* ``"vicidial"``: exactly the login VICIdial's agent screen (vicidial.php) picks. It walks the
+  logins in the alias's order. A login is eligible when its phones row names a server that is
+  active='Y' and active_agent_login_server='Y', has a free conference (vicidial_conferences, or
+  vicidial_confbridges once a CONFBRIDGE server was met: see `_choose_vicidial`), a live twin
+  when active_twin_server_ip is set, and a server_updater newer than two minutes. The campaign's
+  pllb_grouping may force a login: ONE_SERVER_ONLY the first eligible one whose server has the
+  campaign's agents; CASCADING the first one where the campaign has agents, fewer than its
+  pllb_grouping_limit, on a server with fewer than system_settings.pllb_grouping_limit agents.
+  Otherwise the fewest non-remote agents win; on a tie the LATER login wins (the screen's
+  ``$pb_count >= $row[0]``). It knows nothing of capacity, live calls or drain: the balancer
+  steers it through the login flags.
+* ``"capacity"`` (the default): the same eligibility (with the admin's own flag, not the
+  balancer's 'N'), and the server must also be UP, not DRAINED, within our server_updater age
+  and below its agent capacity; the phone must be active. The lowest score (the higher of agent
+  and trunk utilisation) wins; ties go to fewer agents, then the alias's order, then server_ip.
+  ONE_SERVER_ONLY goes to the server holding most of the campaign's agents; CASCADING fills the
+  fullest server still below both limits; both fall back to the score.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 
-from balancer.config import AgentsConfig
-from balancer.store.base import ChannelClass, Health, ServerState
+from balancer.agents.facts import (
+    CONFBRIDGE,
+    CONFBRIDGE_TABLE,
+    MEETME_TABLE,
+    Grouping,
+    GroupingMode,
+    Load,
+    ServerFacts,
+    health_text,
+    load_of,
+    screen_problems,
+    updater_stale,
+)
+from balancer.store.base import Health
 
-# --------------------------------------------------------------------------- inputs
-
-
-class GroupingMode(StrEnum):
-    """VICIdial's per-campaign agent-login server grouping (vb_campaign_grouping.mode)."""
-
-    NONE = "NONE"
-    ONE_SERVER_ONLY = "ONE_SERVER_ONLY"  # go where the campaign already has agents
-    CASCADING = "CASCADING"  # fill a server with the campaign's agents up to a limit, then the next
-
-
-@dataclass(frozen=True)
-class Grouping:
-    """A campaign's grouping mode; cascade_limit is agents per server (0: no limit)."""
-
-    campaign_id: str = ""
-    mode: GroupingMode = GroupingMode.NONE
-    cascade_limit: int = 0
-
-
-@dataclass(frozen=True)
-class LoginFlagRecord:
-    """A vb_login_flags row: the balancer set the server's flag to ``set_to``."""
-
-    server_ip: str
-    set_to: str
-    previous: str | None = "Y"
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class ServerRecord:
-    """The `servers` columns agent assignment uses (ENUMs kept as stored: 'Y', 'N' or None)."""
-
-    server_ip: str
-    server_id: str = ""
-    active: str | None = "Y"
-    login_flag: str | None = "Y"  # active_agent_login_server
-    max_trunks: int = 23  # max_vicidial_trunks
-
-
-@dataclass(frozen=True)
-class AgentTables:
-    """Everything agent assignment and the flag keeper read from MySQL, in one round."""
-
-    servers: dict[str, ServerRecord]
-    agents: dict[str, int]  # server_ip -> non-remote logged-in agents
-    free_conferences: dict[str, int]  # server_ip -> conferences with an empty extension
-    updater_ages: dict[str, float]  # server_ip -> seconds since server_updater.last_update
-    flag_records: dict[str, LoginFlagRecord]  # vb_login_flags by server_ip
-    campaign_agents: dict[str, int] = field(default_factory=dict)  # the asked campaign's agents
-    grouping: Grouping = field(default_factory=Grouping)
-
-
-@dataclass(frozen=True)
-class ServerFacts:
-    """One server as agent decisions see it: the DB's flags and counts plus the live state."""
-
-    server_ip: str
-    server_id: str = ""
-    active: bool = True
-    login_flag: str | None = "Y"  # active_agent_login_server as it is now
-    flag_record: LoginFlagRecord | None = None  # the balancer's own change, if any
-    health: Health | None = None  # None: no fresh live state for this server
-    health_reason: str = ""
-    drained: bool = False
-    updater_age_s: float | None = None  # None: no server_updater row (judged by AMI alone)
-    free_conferences: int = 0
-    agents: int = 0  # non-remote agents logged in (vicidial_live_agents)
-    agent_phones: int = 0  # live agent phone channels (AMI)
-    trunk_lines: int = 0  # live trunk channels (AMI)
-    max_trunks: int = 0
-    capacity: int = 0
-
-    @property
-    def balancer_holds_flag(self) -> bool:
-        """True when the current 'N' is the balancer's own (vb_login_flags says it set it)."""
-        return balancer_holds(self.login_flag, self.flag_record)
-
-    @property
-    def admin_login_flag(self) -> str | None:
-        """The flag as the administrator set it: what the balancer replaced, while it holds it."""
-        if self.balancer_holds_flag and self.flag_record is not None:
-            return self.flag_record.previous
-        return self.login_flag
-
-
-def balancer_holds(login_flag: str | None, record: LoginFlagRecord | None) -> bool:
-    """Whether the flag's current 'N' was set by the balancer (and not changed since)."""
-    return login_flag == "N" and record is not None and record.set_to == "N"
-
-
-def capacity_of(config: AgentsConfig, server_ip: str) -> int:
-    """A server's agent capacity: its own setting, else the cluster default."""
-    return config.capacity.get(server_ip, config.default_capacity)
-
-
-def build_facts(
-    tables: AgentTables,
-    states: Iterable[ServerState],
-    drained: Iterable[str],
-    config: AgentsConfig,
-) -> dict[str, ServerFacts]:
-    """ServerFacts for every `servers` row, from the DB tables and the store's live state.
-
-    A server the store does not know, or whose state is not fresh, has health None.
-    """
-    live = {s.server_ip: s for s in states}
-    drained_set = set(drained) | {s.server_ip for s in live.values() if s.drained}
-    facts: dict[str, ServerFacts] = {}
-    for ip, row in tables.servers.items():
-        state = live.get(ip)
-        fresh = state is not None and state.fresh
-        facts[ip] = ServerFacts(
-            server_ip=ip,
-            server_id=row.server_id,
-            active=row.active == "Y",
-            login_flag=row.login_flag,
-            flag_record=tables.flag_records.get(ip),
-            health=state.meta.health if fresh and state is not None else None,
-            health_reason=state.meta.health_reason if state is not None else "",
-            drained=ip in drained_set,
-            updater_age_s=tables.updater_ages.get(ip),
-            free_conferences=tables.free_conferences.get(ip, 0),
-            agents=tables.agents.get(ip, 0),
-            agent_phones=state.count(ChannelClass.AGENT) if fresh and state is not None else 0,
-            trunk_lines=state.count(ChannelClass.TRUNK) if fresh and state is not None else 0,
-            max_trunks=row.max_trunks,
-            capacity=capacity_of(config, ip),
-        )
-    return facts
-
-
-# --------------------------------------------------------------------------- capacity model
-
-
-@dataclass(frozen=True)
-class Load:
-    """A server's load against its capacity; score is the higher utilisation (lower is better)."""
-
-    agents: int
-    capacity: int
-    trunks: int
-    max_trunks: int
-    agent_util: float
-    trunk_util: float
-
-    @property
-    def score(self) -> float:
-        return max(self.agent_util, self.trunk_util)
-
-    def describe(self) -> str:
-        """'score 0.35 (agents 7/20, trunks 3/23)'."""
-        return (
-            f"score {self.score:.2f} (agents {self.agents}/{self.capacity}, "
-            f"trunks {self.trunks}/{self.max_trunks})"
-        )
-
-
-def _ratio(used: int, limit: int) -> float:
-    # A zero limit holds nothing: any use of it is full, none is empty.
-    if limit <= 0:
-        return 1.0 if used > 0 else 0.0
-    return used / limit
-
-
-def agent_load(facts: ServerFacts) -> int:
-    """Agents on the server: logged in, or phones already up (a phone may ring in before login)."""
-    return max(facts.agents, facts.agent_phones)
-
-
-def load_of(facts: ServerFacts) -> Load:
-    """The server's agent and trunk utilisation."""
-    agents = agent_load(facts)
-    return Load(
-        agents=agents,
-        capacity=facts.capacity,
-        trunks=facts.trunk_lines,
-        max_trunks=facts.max_trunks,
-        agent_util=1.0 if facts.capacity <= 0 else agents / facts.capacity,
-        trunk_util=_ratio(facts.trunk_lines, facts.max_trunks),
-    )
-
-
-def _health_text(facts: ServerFacts) -> str:
-    health = "UNKNOWN" if facts.health is None else str(facts.health).upper()
-    return f"{health} ({facts.health_reason})" if facts.health_reason else health
-
-
-def updater_stale(facts: ServerFacts, max_age_s: float | None) -> str | None:
-    """Why the server's server_updater is stale, or None (no row: judged by AMI alone)."""
-    if max_age_s is None or facts.updater_age_s is None or facts.updater_age_s <= max_age_s:
-        return None
-    return f"server_updater stale ({facts.updater_age_s:.0f}s > {max_age_s:g}s)"
-
-
-def problems(facts: ServerFacts, updater_max_age_s: float | None) -> list[str]:
-    """Every reason the server cannot take an agent now; empty when it is eligible."""
-    found: list[str] = []
-    if not facts.active:
-        found.append("server inactive (active='N')")
-    if facts.admin_login_flag != "Y":
-        found.append(
-            f"agent logins off by the admin (active_agent_login_server={facts.admin_login_flag!r})"
-        )
-    if facts.drained:
-        found.append("DRAINED")
-    if facts.health is None:
-        found.append("no live state (is a daemon tracking it?)")
-    elif facts.health is not Health.UP:
-        found.append(_health_text(facts))
-    stale = updater_stale(facts, updater_max_age_s)
-    if stale:
-        found.append(stale)
-    if facts.free_conferences <= 0:
-        found.append("no free conference")
-    load = load_of(facts)
-    if load.agents >= facts.capacity:
-        found.append(f"at agent capacity ({load.agents}/{facts.capacity})")
-    return found
-
-
-# --------------------------------------------------------------------------- phone choice
+CAPACITY_MODE = "capacity"
+VICIDIAL_MODE = "vicidial"
 
 
 @dataclass(frozen=True)
@@ -276,78 +72,22 @@ class CandidateView:
 
 @dataclass(frozen=True)
 class Assignment:
-    """The choice (None when no server is eligible), its reason, and every candidate seen."""
+    """The choice (None when no login is usable), its reason, and every candidate seen.
+
+    ``grouped``: the campaign's grouping rule made the choice (not the fewest-agents or score
+    rule).
+    """
 
     chosen: CandidateView | None
     reason: str
     candidates: tuple[CandidateView, ...]
     grouping: Grouping
+    mode: str = CAPACITY_MODE
+    grouped: bool = False
 
     @property
     def skipped(self) -> list[CandidateView]:
         return [c for c in self.candidates if not c.eligible]
-
-
-def _view(
-    phone: PhoneCandidate, facts: Mapping[str, ServerFacts], updater_max_age_s: float | None
-) -> CandidateView:
-    server = facts.get(phone.server_ip)
-    inactive = [] if phone.active else [f"phone {phone.login} inactive (phones.active='N')"]
-    if server is None:
-        return CandidateView(phone, None, None, (*inactive, "not in the servers table"))
-    found = (*inactive, *problems(server, updater_max_age_s))
-    return CandidateView(phone, server, load_of(server), found)
-
-
-def _rank(view: CandidateView) -> tuple[float, int, int, str]:
-    assert view.load is not None
-    return (view.load.score, view.load.agents, view.phone.position, view.phone.server_ip)
-
-
-def _servers(views: Iterable[CandidateView]) -> list[str]:
-    return sorted({v.phone.server_ip for v in views})
-
-
-def _apply_grouping(
-    eligible: list[CandidateView],
-    grouping: Grouping,
-    campaign_agents: Mapping[str, int],
-) -> tuple[list[CandidateView], str]:
-    """Narrow the eligible candidates by the campaign's grouping mode; with a note for the reason.
-
-    Among the remaining candidates the caller takes the best-ranked; for both modes the
-    candidates here are already ordered so that the first is the one the mode wants.
-    """
-    cid = grouping.campaign_id
-    if grouping.mode is GroupingMode.ONE_SERVER_ONLY:
-        with_agents = [v for v in eligible if campaign_agents.get(v.phone.server_ip, 0) > 0]
-        if with_agents:
-            # Concentrate: the server with the most of this campaign's agents.
-            with_agents.sort(key=lambda v: (-campaign_agents.get(v.phone.server_ip, 0), _rank(v)))
-            n = campaign_agents.get(with_agents[0].phone.server_ip, 0)
-            return with_agents[:1], f"ONE_SERVER_ONLY: campaign {cid} already has {n} agents here"
-        elsewhere = sorted(ip for ip, n in campaign_agents.items() if n > 0)
-        if elsewhere:
-            return eligible, (
-                f"ONE_SERVER_ONLY: campaign {cid}'s server(s) {', '.join(elsewhere)} not "
-                "eligible for this phone; chose by score"
-            )
-        return eligible, f"ONE_SERVER_ONLY: campaign {cid} has no agents yet; chose by score"
-    if grouping.mode is GroupingMode.CASCADING:
-        limit = grouping.cascade_limit
-        if limit <= 0:
-            return eligible, "CASCADING without a cascade_limit: chose by score"
-        below = [v for v in eligible if campaign_agents.get(v.phone.server_ip, 0) < limit]
-        if not below:
-            return eligible, (
-                f"CASCADING: every eligible server has {limit}+ agents of campaign {cid}; "
-                "chose by score"
-            )
-        # Fill the fullest server that is still below the limit, then the next.
-        below.sort(key=lambda v: (-campaign_agents.get(v.phone.server_ip, 0), _rank(v)))
-        n = campaign_agents.get(below[0].phone.server_ip, 0)
-        return below[:1], f"CASCADING: campaign {cid} has {n}/{limit} agents here"
-    return eligible, ""
 
 
 def choose_phone(
@@ -357,21 +97,144 @@ def choose_phone(
     updater_max_age_s: float | None,
     grouping: Grouping | None = None,
     campaign_agents: Mapping[str, int] | None = None,
+    mode: str = CAPACITY_MODE,
+    balanced: bool = True,
 ) -> Assignment:
-    """The phone login an agent should use: eligible, grouping mode applied, lowest score."""
+    """The phone login an agent should use, by the mode's rule.
+
+    ``balanced``: the logins came as a list (VICIdial balances only a list with a comma; a
+    single login is used as it is). ``updater_max_age_s`` is our own limit (capacity mode).
+    """
     grouping = grouping or Grouping()
     campaign_agents = campaign_agents or {}
-    views = tuple(_view(p, facts, updater_max_age_s) for p in phones)
-    skipped = [v for v in views if not v.eligible]
-    skipped_text = "; ".join(f"skipped {v.phone.server_ip}: {v.problems[0]}" for v in skipped)
+    if mode == VICIDIAL_MODE:
+        return _choose_vicidial(phones, facts, grouping, campaign_agents, balanced)
+    return _choose_capacity(phones, facts, updater_max_age_s, grouping, campaign_agents)
+
+
+def _skipped_text(views: Iterable[CandidateView]) -> str:
+    return "; ".join(f"skipped {v.phone.server_ip}: {v.problems[0]}" for v in views if v.problems)
+
+
+# --------------------------------------------------------------------------- capacity mode
+
+
+def capacity_problems(facts: ServerFacts, updater_max_age_s: float | None) -> list[str]:
+    """Every reason the server cannot take an agent now (capacity mode); empty: eligible."""
+    stale = updater_stale(facts, updater_max_age_s)
+    # The agent screen's own checks, with the flag as the admin set it: a 'N' the balancer
+    # holds is ours to lift, and the checks below already say whether it should be.
+    found = screen_problems(
+        facts,
+        facts.admin_login_flag,
+        facts.conference_table,
+        by_admin=True,
+        check_updater=stale is None,
+    )
+    if facts.drained:
+        found.append("DRAINED")
+    if facts.health is None:
+        found.append("no live state (is a daemon tracking it?)")
+    elif facts.health is not Health.UP:
+        found.append(health_text(facts))
+    if stale:
+        found.append(stale)
+    load = load_of(facts)
+    if load.agents >= facts.capacity:
+        found.append(f"at agent capacity ({load.agents}/{facts.capacity})")
+    return found
+
+
+def _capacity_view(
+    phone: PhoneCandidate, facts: Mapping[str, ServerFacts], updater_max_age_s: float | None
+) -> CandidateView:
+    server = facts.get(phone.server_ip)
+    inactive = [] if phone.active else [f"phone {phone.login} inactive (phones.active='N')"]
+    if server is None:
+        return CandidateView(phone, None, None, (*inactive, "not in the servers table"))
+    found = (*inactive, *capacity_problems(server, updater_max_age_s))
+    return CandidateView(phone, server, load_of(server), found)
+
+
+def _rank(view: CandidateView) -> tuple[float, int, int, str]:
+    assert view.load is not None
+    return (view.load.score, view.load.agents, view.phone.position, view.phone.server_ip)
+
+
+def _apply_grouping(
+    eligible: list[CandidateView],
+    grouping: Grouping,
+    campaign_agents: Mapping[str, int],
+) -> tuple[list[CandidateView], str, bool]:
+    """Narrow the eligible candidates by the campaign's grouping mode: the pool, a note for
+    the reason, and whether the mode made the choice (then the pool is the one it wants)."""
+    cid = grouping.campaign_id
+
+    def agents_of(v: CandidateView) -> int:
+        return campaign_agents.get(v.phone.server_ip, 0)
+
+    if grouping.mode is GroupingMode.ONE_SERVER_ONLY:
+        with_agents = [v for v in eligible if agents_of(v) > 0]
+        if with_agents:
+            # Concentrate: the server with the most of this campaign's agents.
+            with_agents.sort(key=lambda v: (-agents_of(v), _rank(v)))
+            n = agents_of(with_agents[0])
+            note = f"ONE_SERVER_ONLY: campaign {cid} already has {n} agents here"
+            return with_agents[:1], note, True
+        elsewhere = sorted(ip for ip, n in campaign_agents.items() if n > 0)
+        if elsewhere:
+            return (
+                eligible,
+                (
+                    f"ONE_SERVER_ONLY: campaign {cid}'s server(s) {', '.join(elsewhere)} not "
+                    "eligible for this phone; chose by score"
+                ),
+                False,
+            )
+        note = f"ONE_SERVER_ONLY: campaign {cid} has no agents yet; chose by score"
+        return eligible, note, False
+    if grouping.mode is GroupingMode.CASCADING:
+        limit, system = grouping.campaign_limit, grouping.system_limit
+        if limit <= 0:
+            return eligible, "CASCADING with pllb_grouping_limit 0: chose by score", False
+        below = [
+            v
+            for v in eligible
+            if agents_of(v) < limit and v.facts is not None and v.facts.agents < system
+        ]
+        if not below:
+            return (
+                eligible,
+                (
+                    f"CASCADING: every eligible server has {limit}+ agents of campaign {cid} "
+                    f"or {system}+ agents; chose by score"
+                ),
+                False,
+            )
+        # Fill the fullest server that is still below the limits, then the next.
+        below.sort(key=lambda v: (-agents_of(v), _rank(v)))
+        note = f"CASCADING: campaign {cid} has {agents_of(below[0])}/{limit} agents here"
+        return below[:1], note, True
+    return eligible, "", False
+
+
+def _choose_capacity(
+    phones: Sequence[PhoneCandidate],
+    facts: Mapping[str, ServerFacts],
+    updater_max_age_s: float | None,
+    grouping: Grouping,
+    campaign_agents: Mapping[str, int],
+) -> Assignment:
+    views = tuple(_capacity_view(p, facts, updater_max_age_s) for p in phones)
+    skipped_text = _skipped_text(views)
     eligible = [v for v in views if v.eligible]
     if not eligible:
         detail = skipped_text.replace("skipped ", "") if skipped_text else "no phones"
         return Assignment(None, f"no eligible server: {detail}", views, grouping)
-    pool, note = _apply_grouping(eligible, grouping, campaign_agents)
+    pool, note, grouped = _apply_grouping(eligible, grouping, campaign_agents)
     chosen = min(pool, key=_rank)
     assert chosen.load is not None
-    count = len(_servers(eligible))
+    count = len({v.phone.server_ip for v in eligible})
     if note:
         why = note
     elif count == 1:
@@ -381,115 +244,165 @@ def choose_phone(
     reason = f"{chosen.load.describe()} — {why}"
     if skipped_text:
         reason += f"; {skipped_text}"
-    return Assignment(chosen, reason, views, grouping)
+    return Assignment(chosen, reason, views, grouping, CAPACITY_MODE, grouped)
 
 
-# --------------------------------------------------------------------------- login flags
+# --------------------------------------------------------------------------- vicidial mode
 
 
-class FlagAction(StrEnum):
-    """What the keeper does to one server's active_agent_login_server."""
-
-    CLOSE = "close"  # 'Y' -> 'N', remembered in vb_login_flags
-    REOPEN = "reopen"  # the balancer's own 'N' -> 'Y' (the admin's previous value)
-    RELEASE = "release"  # forget a vb_login_flags row whose flag someone else changed since
-
-
-@dataclass(frozen=True)
-class FlagChange:
-    """One change to apply, with its reason (logged in vb_decision_log)."""
-
-    server_ip: str
-    action: FlagAction
-    reason: str
-
-    @property
-    def set_to(self) -> str | None:
-        return {FlagAction.CLOSE: "N", FlagAction.REOPEN: "Y"}.get(self.action)
+def _first_row_per_login(phones: Sequence[PhoneCandidate]) -> list[PhoneCandidate]:
+    # The screen reads one server_ip per login (the first phones row MySQL returns).
+    seen: set[str] = set()
+    walk: list[PhoneCandidate] = []
+    for phone in sorted(phones, key=lambda p: p.position):
+        if phone.login not in seen:
+            seen.add(phone.login)
+            walk.append(phone)
+    return walk
 
 
-@dataclass(frozen=True)
-class FlagSettings:
-    """Thresholds for the login-flag decision."""
-
-    hysteresis_pct: float = 10.0  # re-open a full server only this far below capacity
-    settle_s: float = 2.0  # re-open only after UP this long (a bouncing server stays closed)
-    updater_max_age_s: float | None = 60.0  # None: server_updater not checked
-
-
-def reopen_threshold(capacity: int, hysteresis_pct: float) -> int:
-    """Most agents at which a server closed for capacity may re-open (always below capacity)."""
-    return min(capacity - 1, math.floor(capacity * (1 - hysteresis_pct / 100)))
+def _screen_accepts(phones: Sequence[PhoneCandidate], facts: Mapping[str, ServerFacts]) -> bool:
+    # Before balancing, the screen checks that some phone of the list is active on a server
+    # open for agent logins (its password is not ours to check).
+    return any(
+        p.active and p.server_ip in facts and facts[p.server_ip].login_flag == "Y" for p in phones
+    )
 
 
-def desired_flag(
-    facts: ServerFacts, settings: FlagSettings, healthy_for_s: float, final: bool = False
-) -> tuple[str | None, str]:
-    """('N' or 'Y' or None for "leave it", why) from health, drain and agent load.
-
-    ``final`` (the last pass at shutdown) drops the settle time and the hysteresis margin: with
-    no balancer left to re-open a flag later, the flag should say what is true now.
-    """
-    if not facts.active:
-        return None, "server inactive"
-    if facts.drained:
-        return "N", "DRAINED"
-    if facts.health is None:
-        return None, "no live state"
-    if facts.health is Health.DOWN:
-        return "N", _health_text(facts)
-    stale = updater_stale(facts, settings.updater_max_age_s)
-    if stale:
-        return "N", stale
-    load = agent_load(facts)
-    if load >= facts.capacity:
-        return "N", f"at agent capacity ({load}/{facts.capacity})"
-    if facts.health is not Health.UP:
-        return None, _health_text(facts)
-    if final:
-        return "Y", f"UP, below agent capacity ({load}/{facts.capacity})"
-    if healthy_for_s < settings.settle_s:
-        return None, f"UP for {healthy_for_s:.1f}s < {settings.settle_s:g}s"
-    threshold = reopen_threshold(facts.capacity, settings.hysteresis_pct)
-    if load > threshold:
-        return None, f"{load}/{facts.capacity} agents, re-opens at {threshold}"
-    return "Y", f"UP, {load}/{facts.capacity} agents"
-
-
-def decide_login_flags(
-    facts: Iterable[ServerFacts],
-    settings: FlagSettings,
-    healthy_for_s: Mapping[str, float] | None = None,
-    *,
-    final: bool = False,
-    orphan_records: Iterable[LoginFlagRecord] = (),
-) -> list[FlagChange]:
-    """The flag changes to make, ordered by server_ip.
-
-    Closes only a flag that is 'Y' now; re-opens only a 'N' the balancer set itself; a record
-    whose flag someone changed since (or whose server row is gone: ``orphan_records``) is
-    released, never acted on. An admin's own 'N' is therefore never touched.
-    """
-    healthy_for_s = healthy_for_s or {}
-    changes: list[FlagChange] = []
-    for f in sorted(facts, key=lambda f: f.server_ip):
-        want, why = desired_flag(f, settings, healthy_for_s.get(f.server_ip, 0.0), final)
-        record = f.flag_record
-        ours = f.balancer_holds_flag
-        if f.login_flag == "Y" and want == "N":
-            changes.append(FlagChange(f.server_ip, FlagAction.CLOSE, why))
-        elif ours and want == "Y":
-            changes.append(FlagChange(f.server_ip, FlagAction.REOPEN, why))
-        elif record is not None and not ours:
-            changes.append(
-                FlagChange(
-                    f.server_ip,
-                    FlagAction.RELEASE,
-                    f"flag changed by someone else since (now {f.login_flag!r})",
-                )
-            )
-    for record in sorted(orphan_records, key=lambda r: r.server_ip):
-        changes.append(
-            FlagChange(record.server_ip, FlagAction.RELEASE, "server no longer in servers")
+def _grouping_forces(
+    server: ServerFacts, grouping: Grouping, campaign_agents: Mapping[str, int]
+) -> str | None:
+    """The note when the campaign's grouping takes this (eligible) login at once, else None."""
+    n = campaign_agents.get(server.server_ip, 0)
+    cid = grouping.campaign_id
+    if grouping.mode is GroupingMode.ONE_SERVER_ONLY and n > 0:
+        return f"ONE_SERVER_ONLY: the first eligible server with campaign {cid}'s agents ({n})"
+    if (
+        grouping.mode is GroupingMode.CASCADING
+        and 0 < n < grouping.campaign_limit
+        and server.agents < grouping.system_limit
+    ):
+        return (
+            f"CASCADING: campaign {cid} has {n}/{grouping.campaign_limit} agents here, "
+            f"the server {server.agents}/{grouping.system_limit}"
         )
-    return changes
+    return None
+
+
+def _ungrouped_note(grouping: Grouping) -> str:
+    cid = grouping.campaign_id
+    if grouping.mode is GroupingMode.ONE_SERVER_ONLY:
+        return f"ONE_SERVER_ONLY: no eligible server has campaign {cid}'s agents; "
+    if grouping.mode is GroupingMode.CASCADING:
+        return (
+            f"CASCADING: no eligible server has campaign {cid}'s agents below "
+            f"{grouping.campaign_limit} with fewer than {grouping.system_limit} agents; "
+        )
+    return ""
+
+
+def _choose_vicidial(
+    phones: Sequence[PhoneCandidate],
+    facts: Mapping[str, ServerFacts],
+    grouping: Grouping,
+    campaign_agents: Mapping[str, int],
+    balanced: bool,
+) -> Assignment:
+    walk = _first_row_per_login(phones)
+    if not balanced:
+        return _single_login(walk, facts, grouping)
+    views: list[CandidateView] = []
+    # The screen starts with vicidial_conferences and switches to vicidial_confbridges when it
+    # meets a CONFBRIDGE server, never back: later MEETME servers of the same walk are looked
+    # up in vicidial_confbridges too. Kept, so that the choice is the screen's.
+    conf_table = MEETME_TABLE
+    best: CandidateView | None = None
+    tied: list[CandidateView] = []
+    forced: tuple[CandidateView, str] | None = None
+    for phone in walk:
+        server = facts.get(phone.server_ip)
+        if server is None:
+            views.append(CandidateView(phone, None, None, ("not in the servers table",)))
+            continue
+        if server.conf_engine == CONFBRIDGE:
+            conf_table = CONFBRIDGE_TABLE
+        view = CandidateView(
+            phone,
+            server,
+            load_of(server),
+            tuple(screen_problems(server, server.login_flag, conf_table)),
+        )
+        views.append(view)
+        if not view.eligible or forced is not None:
+            continue  # after a forced login the screen stops walking; shown, not weighed
+        note = _grouping_forces(server, grouping, campaign_agents)
+        if note is not None:
+            forced = (view, note)
+        elif best is None or server.agents <= best_agents(best):
+            # The screen's `$pb_count >= $row[0]`: an equal count replaces the earlier login.
+            tie = best is not None and server.agents == best_agents(best)
+            tied = [*tied, best] if tie and best is not None else []
+            best = view
+    all_views = tuple(views)
+    skipped_text = _skipped_text(all_views)
+    if not _screen_accepts(phones, facts):
+        return Assignment(
+            None,
+            "the agent screen refuses this login: no phone of the list is active on a server "
+            "with active_agent_login_server='Y'",
+            all_views,
+            grouping,
+            VICIDIAL_MODE,
+        )
+    if forced is not None:
+        chosen, why, grouped = forced[0], forced[1], True
+    elif best is not None:
+        chosen, grouped = best, False
+        eligible = sum(1 for v in views if v.eligible)
+        why = (
+            f"{_ungrouped_note(grouping)}fewest agents: {best_agents(best)} non-remote agents "
+            f"logged in, among {eligible} eligible login{'s' if eligible != 1 else ''}"
+        )
+        if tied:
+            others = ", ".join(v.phone.login for v in tied)
+            why += f" (tied with {others}: the later login wins, as in the agent screen)"
+    else:
+        detail = skipped_text.replace("skipped ", "") if skipped_text else "no phones"
+        return Assignment(None, f"no eligible login: {detail}", all_views, grouping, VICIDIAL_MODE)
+    reason = f"{why}; {skipped_text}" if skipped_text else why
+    if not chosen.phone.active:
+        reason = (
+            f"the agent screen would take {chosen.phone.login} on {chosen.phone.server_ip} "
+            f"({why}), but that phone is inactive (phones.active='N'): its login fails"
+        )
+        return Assignment(None, reason, all_views, grouping, VICIDIAL_MODE, grouped)
+    return Assignment(chosen, reason, all_views, grouping, VICIDIAL_MODE, grouped)
+
+
+def best_agents(view: CandidateView) -> int:
+    """The non-remote agents logged in on a candidate's server (the screen's count)."""
+    return 0 if view.facts is None else view.facts.agents
+
+
+def _single_login(
+    walk: list[PhoneCandidate], facts: Mapping[str, ServerFacts], grouping: Grouping
+) -> Assignment:
+    # One login, no comma: the screen does not balance; it only checks the phone is active on
+    # a server open for agent logins.
+    phone = walk[0] if walk else None
+    if phone is None:
+        return Assignment(None, "no phones", (), grouping, VICIDIAL_MODE)
+    server = facts.get(phone.server_ip)
+    found: list[str] = []
+    if not phone.active:
+        found.append(f"phone {phone.login} inactive (phones.active='N')")
+    if server is None:
+        found.append("not in the servers table")
+    elif server.login_flag != "Y":
+        found.append(f"agent logins off (active_agent_login_server={server.login_flag!r})")
+    view = CandidateView(phone, server, None if server is None else load_of(server), tuple(found))
+    if found:
+        reason = f"the agent screen refuses this single login: {'; '.join(found)}"
+        return Assignment(None, reason, (view,), grouping, VICIDIAL_MODE)
+    reason = "a single login: the agent screen uses it as it is (it balances only a list)"
+    return Assignment(view, reason, (view,), grouping, VICIDIAL_MODE)

@@ -1,27 +1,30 @@
 """Keeps `servers.active_agent_login_server` in step with health, drain and agent capacity.
 
-VICIdial's agent screen only sends agents to servers whose flag is 'Y'. The keeper closes the
+VICIdial's agent screen only sends agents to servers whose flag is 'Y': this flag is the lever
+by which the balancer steers logins it does not choose itself. The keeper closes the
 flag of a server that is DOWN, DRAINED, has a stale server_updater or is at agent capacity, and
 re-opens it once the server has been UP for a settle time and is below capacity by the
 hysteresis margin. It re-opens only flags it closed itself (vb_login_flags), so an
 administrator's own 'N' is never touched. On stop it makes one last pass without settle time or
-margin, so the flags it leaves behind say what is true at that moment.
+margin, so the flags it leaves behind say what is true at that moment. After each pass it
+publishes the flags it holds closed, and why, for `status` (LOGIN_FLAGS_DOCUMENT).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-from balancer.agents.choice import (
-    AgentTables,
+from balancer.agents.facts import AgentTables, ServerFacts, build_facts
+from balancer.agents.flag_rules import (
     FlagChange,
     FlagSettings,
-    build_facts,
     decide_login_flags,
+    flags_document,
 )
 from balancer.config import Config
 from balancer.db import agents as db_agents
@@ -29,6 +32,7 @@ from balancer.db.connection import Connection
 from balancer.db.worker import DbWorker
 from balancer.errors import BalancerError
 from balancer.store.base import Health, StateStore
+from balancer.store.keys import LOGIN_FLAGS_DOCUMENT
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ class LoginFlagKeeper:
         is_leader: Callable[[], bool] | None = None,
         interval_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store
@@ -64,6 +69,7 @@ class LoginFlagKeeper:
         self.is_leader = is_leader
         self.interval_s = interval_s or config.health.heartbeat_interval_s
         self.clock = clock
+        self.wall_clock = wall_clock
         # A fresh daemon reports every server DOWN until its first login: until a server has
         # been seen UP, or this grace has passed, its DOWN means "not known yet".
         health = config.health
@@ -108,7 +114,7 @@ class LoginFlagKeeper:
             return []
         states = await self.store.servers()
         drained = await self.store.drained()
-        tables: AgentTables = await self.db.run(db_agents.read_agent_tables)
+        tables: AgentTables = await self.db.run(db_agents.read_flag_tables)
         facts = build_facts(tables, states, drained, self.config.agents)
         now = self.clock()
         in_grace = now - self._started_at < self.startup_grace_s
@@ -131,7 +137,21 @@ class LoginFlagKeeper:
         for change in decided:
             if await self._apply(change):
                 applied.append(change)
+        if applied:
+            # Show the flags as they are now, after this pass's writes.
+            tables = await self.db.run(db_agents.read_flag_tables)
+            facts = build_facts(tables, states, drained, self.config.agents)
+        await self._publish(facts.values(), healthy_for)
         return applied
+
+    async def _publish(self, facts: Iterable[ServerFacts], healthy_for: dict[str, float]) -> None:
+        doc = flags_document(facts, self.settings, healthy_for, self.wall_clock())
+        # Outlives a few passes, so `status` still sees it between them; gone soon after a stop.
+        ttl = max(3 * self.interval_s, self.config.redis.state_ttl_s)
+        try:
+            await self.store.put_document(LOGIN_FLAGS_DOCUMENT, json.dumps(doc), ttl)
+        except BalancerError as exc:
+            log.error("login flags: cannot publish them for status: %s", exc)
 
     async def _apply(self, change: FlagChange) -> bool:
         def write(conn: Connection) -> bool:

@@ -7,6 +7,7 @@ import json
 import click
 
 from balancer.agents.assign import assign_phone, render_assignment, set_drain
+from balancer.agents.choice import VICIDIAL_MODE
 from balancer.cli.common import (
     EXIT_FAILURE,
     AppContext,
@@ -38,12 +39,15 @@ def assign_phone_command(
 ) -> None:
     """Choose the phone login (and so the server) for a phones_alias id or 'login1,login2'.
 
-    Chooses by real capacity and live health: the eligible server with the lowest of
-    max(agent utilisation, trunk utilisation), honouring the campaign's grouping mode.
-    The decision is recorded in vb_decision_log. Exit 1 when no server is eligible.
+    With agents.mode = "capacity" (the default): by real capacity and live health, the
+    eligible server with the lowest of max(agent utilisation, trunk utilisation). With
+    "vicidial": exactly the login VICIdial's agent screen would pick (fewest agents). Both
+    honour the campaign's pllb_grouping. The decision is recorded in vb_decision_log.
+    Exit 1 when no login is usable.
     """
     config = app.config()
-    if config.redis.is_memory:
+    # Only the capacity rule reads the live state shared by the daemons.
+    if config.redis.is_memory and config.agents.mode != VICIDIAL_MODE:
         fail(SHARED_STORE_NEEDED.format(what="assign-phone"))
     url, timeout = resolve_database_url(app, database_url)
     doc = assign_phone(config, url, timeout, alias_or_logins, campaign_id)

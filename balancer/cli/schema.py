@@ -41,6 +41,8 @@ def schema_install(app: AppContext, database_url: str | None) -> None:
         click.echo(f"  created {table}")
     for version in report.migrated:
         click.echo(f"  upgraded the vb_ tables to schema version {version}")
+    for note in report.notes:
+        click.echo(f"  NOTE: {note}")
 
 
 @schema.command("check")

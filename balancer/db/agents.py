@@ -1,6 +1,6 @@
 """SQL for agent phones and login flags: phones/aliases, live agents, conferences, flags, decisions.
 
-Reads take a connection and return the plain records of `balancer.agents.choice`. Every flag
+Reads take a connection and return the plain records of `balancer.agents.facts`. Every flag
 write is one transaction that re-checks, under a row lock, the condition the decision was made
 on: so two keepers (or a keeper and an admin) racing on one server can never close an admin's 'N' or
 re-open a flag the balancer does not hold.
@@ -13,15 +13,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from balancer.agents.choice import (
+from balancer.agents.facts import (
+    CONFBRIDGE_TABLE,
+    MEETME_TABLE,
     AgentTables,
-    FlagAction,
-    FlagChange,
     Grouping,
     GroupingMode,
     LoginFlagRecord,
     ServerRecord,
 )
+from balancer.agents.flag_rules import FlagAction, FlagChange
 from balancer.db.connection import Connection
 from balancer.db.queries import load_updater_ages
 from balancer.db.rows import dict_rows, text
@@ -68,6 +69,8 @@ class ResolvedPhones:
     logins: tuple[str, ...]
     phones: tuple[PhoneRow, ...]  # in the list's order, then by server_ip
     missing: tuple[str, ...]  # logins with no phones row
+    # VICIdial's agent screen balances only a list: text with a comma, longer than 2 characters.
+    balanced: bool = True
 
 
 def _split_logins(text: str) -> tuple[str, ...]:
@@ -87,13 +90,15 @@ def resolve_phones(conn: Connection, alias_or_logins: str) -> ResolvedPhones:
     """
     query = alias_or_logins.strip()
     alias_id: str | None = None
+    listed = query
     if "," not in query:
         rows = dict_rows(
             conn, "SELECT alias_id, logins_list FROM phones_alias WHERE alias_id = %s", query
         )
         if rows:
             alias_id = str(rows[0]["alias_id"])
-            logins = _split_logins(text(rows[0]["logins_list"]))
+            listed = text(rows[0]["logins_list"])
+            logins = _split_logins(listed)
             if not logins:
                 raise BalancerError(f"phone alias {alias_id!r}: its logins_list is empty")
         else:
@@ -134,29 +139,67 @@ def resolve_phones(conn: Connection, alias_or_logins: str) -> ResolvedPhones:
         else:
             message = f"phone logins {query!r}: none of them is in phones"
         raise BalancerError(message)
-    return ResolvedPhones(query, alias_id, logins, tuple(phones), missing)
+    balanced = "," in listed and len(listed) > 2
+    return ResolvedPhones(query, alias_id, logins, tuple(phones), missing, balanced)
 
 
 # --------------------------------------------------------------------------- servers and load
 
 
-def load_server_records(conn: Connection) -> dict[str, ServerRecord]:
-    """Every `servers` row's agent-related columns, by server_ip."""
+# Columns of `servers` that VICIdial added over the years (active_twin_server_ip, later
+# conf_engine with ConfBridge): read when the database has them, else their defaults.
+_OPTIONAL_SERVER_COLUMNS = {"conf_engine": "MEETME", "active_twin_server_ip": ""}
+_SERVERS_SELECT = {
+    frozenset(): "SELECT server_id, server_ip, active, active_agent_login_server,"
+    " max_vicidial_trunks FROM servers ORDER BY server_ip",
+    frozenset({"conf_engine"}): "SELECT server_id, server_ip, active, active_agent_login_server,"
+    " max_vicidial_trunks, conf_engine FROM servers ORDER BY server_ip",
+    frozenset({"active_twin_server_ip"}): "SELECT server_id, server_ip, active,"
+    " active_agent_login_server, max_vicidial_trunks, active_twin_server_ip FROM servers"
+    " ORDER BY server_ip",
+    frozenset(_OPTIONAL_SERVER_COLUMNS): "SELECT server_id, server_ip, active,"
+    " active_agent_login_server, max_vicidial_trunks, conf_engine, active_twin_server_ip"
+    " FROM servers ORDER BY server_ip",
+}
+
+
+def _present(conn: Connection, table: str, columns: tuple[str, ...]) -> set[str]:
+    """Which of ``columns`` ``table`` has (an empty set when the table is missing)."""
     rows = dict_rows(
         conn,
-        "SELECT server_id, server_ip, active, active_agent_login_server, max_vicidial_trunks"
-        " FROM servers ORDER BY server_ip",
+        "SELECT column_name AS c FROM information_schema.columns"
+        " WHERE table_schema = DATABASE() AND table_name = %s",
+        table,
     )
-    return {
-        text(r["server_ip"]): ServerRecord(
+    have = {text(r["c"]).lower() for r in rows}
+    return {c for c in columns if c.lower() in have}
+
+
+def load_server_records(
+    conn: Connection, *, login_columns: bool = False
+) -> dict[str, ServerRecord]:
+    """Every `servers` row's agent-related columns, by server_ip.
+
+    ``login_columns``: also conf_engine and active_twin_server_ip (what the agent screen checks),
+    where the database has them.
+    """
+    optional: set[str] = set()
+    if login_columns:
+        optional = _present(conn, "servers", tuple(_OPTIONAL_SERVER_COLUMNS))
+    rows = dict_rows(conn, _SERVERS_SELECT[frozenset(optional)])
+    records: dict[str, ServerRecord] = {}
+    for r in rows:
+        values = {c: text(r[c]) if c in r else d for c, d in _OPTIONAL_SERVER_COLUMNS.items()}
+        records[text(r["server_ip"])] = ServerRecord(
             server_ip=text(r["server_ip"]),
             server_id=text(r["server_id"]),
             active=_flag(r["active"]),
             login_flag=_flag(r["active_agent_login_server"]),
             max_trunks=max(0, _int(r["max_vicidial_trunks"], 0)),
+            conf_engine=values["conf_engine"] or "MEETME",
+            twin_server_ip=values["active_twin_server_ip"].strip(),
         )
-        for r in rows
-    }
+    return records
 
 
 def find_server(conn: Connection, server: str) -> ServerRecord | None:
@@ -172,59 +215,77 @@ def find_server(conn: Connection, server: str) -> ServerRecord | None:
 
 def load_agent_counts(conn: Connection, campaign_id: str | None = None) -> dict[str, int]:
     """server_ip -> non-remote agents logged in (of one campaign when ``campaign_id``)."""
-    # Remote agents (extension 'R/...') are not on any server's Asterisk.
+    # VICIdial's own test (vicidial.php): a remote agent's extension starts with 'R' ('R/...');
+    # a NULL extension is not counted either, as in its query.
     if campaign_id is None:
         rows = dict_rows(
             conn,
             "SELECT server_ip, COUNT(*) AS n FROM vicidial_live_agents"
-            " WHERE extension IS NULL OR extension NOT LIKE 'R%%' GROUP BY server_ip",
+            " WHERE extension NOT LIKE 'R%%' GROUP BY server_ip",
         )
     else:
         rows = dict_rows(
             conn,
             "SELECT server_ip, COUNT(*) AS n FROM vicidial_live_agents"
-            " WHERE (extension IS NULL OR extension NOT LIKE 'R%%') AND campaign_id = %s"
-            " GROUP BY server_ip",
+            " WHERE campaign_id = %s AND extension NOT LIKE 'R%%' GROUP BY server_ip",
             campaign_id,
         )
     return {text(r["server_ip"]): int(r["n"]) for r in rows}
 
 
-def load_free_conferences(conn: Connection) -> dict[str, int]:
-    """server_ip -> agent conferences with an empty extension (free)."""
-    rows = dict_rows(
-        conn,
-        "SELECT server_ip, COUNT(*) AS n FROM vicidial_conferences"
-        " WHERE extension IS NULL OR extension = '' GROUP BY server_ip",
-    )
+_FREE_CONFERENCES = {
+    MEETME_TABLE: "SELECT server_ip, COUNT(*) AS n FROM vicidial_conferences"
+    " WHERE extension IS NULL OR extension = '' GROUP BY server_ip",
+    CONFBRIDGE_TABLE: "SELECT server_ip, COUNT(*) AS n FROM vicidial_confbridges"
+    " WHERE extension IS NULL OR extension = '' GROUP BY server_ip",
+}
+
+
+def load_free_conferences(conn: Connection, table: str = MEETME_TABLE) -> dict[str, int]:
+    """server_ip -> agent conferences with an empty extension (free), in one of VICIdial's two
+    conference tables; empty when the database has no such table (before ConfBridge)."""
+    if table == CONFBRIDGE_TABLE and not _present(conn, table, ("server_ip",)):
+        return {}
+    rows = dict_rows(conn, _FREE_CONFERENCES[table])
     return {text(r["server_ip"]): int(r["n"]) for r in rows}
 
 
 def load_login_flags(conn: Connection) -> dict[str, LoginFlagRecord]:
     """The vb_login_flags rows: flags the balancer changed and still holds."""
-    rows = dict_rows(conn, "SELECT server_ip, set_to, previous, reason FROM vb_login_flags")
+    rows = dict_rows(
+        conn, "SELECT server_ip, set_to, previous, reason, changed_at FROM vb_login_flags"
+    )
     return {
         text(r["server_ip"]): LoginFlagRecord(
-            text(r["server_ip"]), text(r["set_to"]), _flag(r["previous"]), text(r["reason"])
+            text(r["server_ip"]),
+            text(r["set_to"]),
+            _flag(r["previous"]),
+            text(r["reason"]),
+            text(r["changed_at"]),
         )
         for r in rows
     }
 
 
 def load_grouping(conn: Connection, campaign_id: str) -> Grouping:
-    """The campaign's vb_campaign_grouping row; NONE when it has none."""
+    """The campaign's login grouping from VICIdial's own columns (vicidial_campaigns.pllb_grouping
+    and pllb_grouping_limit, system_settings.pllb_grouping_limit); DISABLED without a row."""
     rows = dict_rows(
         conn,
-        "SELECT mode, cascade_limit FROM vb_campaign_grouping WHERE campaign_id = %s",
+        "SELECT pllb_grouping, pllb_grouping_limit FROM vicidial_campaigns WHERE campaign_id = %s",
         campaign_id,
     )
+    system = dict_rows(conn, "SELECT pllb_grouping_limit FROM system_settings LIMIT 1")
+    # No system_settings row: VICIdial's column default.
+    system_limit = _int(system[0]["pllb_grouping_limit"], 0) if system else Grouping().system_limit
     if not rows:
-        return Grouping(campaign_id)
+        return Grouping(campaign_id, system_limit=system_limit)
     try:
-        mode = GroupingMode(text(rows[0]["mode"]) or "NONE")
+        mode = GroupingMode(text(rows[0]["pllb_grouping"]) or "DISABLED")
     except ValueError:
-        mode = GroupingMode.NONE
-    return Grouping(campaign_id, mode, max(0, _int(rows[0]["cascade_limit"], 0)))
+        mode = GroupingMode.DISABLED
+    # A NULL limit compares as nothing in the screen: no server is below it.
+    return Grouping(campaign_id, mode, _int(rows[0]["pllb_grouping_limit"], 0), system_limit)
 
 
 def campaign_exists(conn: Connection, campaign_id: str) -> bool:
@@ -234,14 +295,25 @@ def campaign_exists(conn: Connection, campaign_id: str) -> bool:
     )
 
 
-def read_agent_tables(conn: Connection, campaign_id: str | None = None) -> AgentTables:
-    """Everything agent decisions need from MySQL (six small queries; eight with a campaign)."""
+def read_flag_tables(conn: Connection) -> AgentTables:
+    """What the login-flag keeper needs from MySQL (four small queries)."""
     return AgentTables(
         servers=load_server_records(conn),
         agents=load_agent_counts(conn),
-        free_conferences=load_free_conferences(conn),
         updater_ages=load_updater_ages(conn),
         flag_records=load_login_flags(conn),
+    )
+
+
+def read_agent_tables(conn: Connection, campaign_id: str | None = None) -> AgentTables:
+    """Everything choosing a phone needs from MySQL (nine small queries; twelve with a campaign)."""
+    return AgentTables(
+        servers=load_server_records(conn, login_columns=True),
+        agents=load_agent_counts(conn),
+        updater_ages=load_updater_ages(conn),
+        flag_records=load_login_flags(conn),
+        free_conferences=load_free_conferences(conn, MEETME_TABLE),
+        free_confbridges=load_free_conferences(conn, CONFBRIDGE_TABLE),
         campaign_agents={} if campaign_id is None else load_agent_counts(conn, campaign_id),
         grouping=Grouping() if campaign_id is None else load_grouping(conn, campaign_id),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,13 +14,15 @@ import pymysql
 from balancer.db.connection import Connection
 from balancer.errors import DatabaseError
 
+log = logging.getLogger(__name__)
+
 # The top-level sql/ directory, as package data (balancer/db/sql links to it, and the wheel
 # carries the files), so an installed package finds its schema wherever it lives.
 SQL_DIR: Traversable = resources.files("balancer.db") / "sql"
 # Applied in this order: VICIdial's tables first, then the balancer's own.
 SQL_FILES: tuple[str, ...] = ("vicidial.sql", "balancer.sql")
 # The version of our own vb_ tables this code needs; see MIGRATIONS.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Engines a test or benchmark may ask VICIdial's tables to be created with (install(engine=)).
 ENGINES = frozenset({"InnoDB", "MyISAM", "Aria"})
 _ENGINE = re.compile(r"\bENGINE\s*=\s*\w+", re.IGNORECASE)
@@ -34,12 +37,13 @@ _ER_TABLE_EXISTS = 1050
 
 @dataclass(frozen=True)
 class InstallReport:
-    """Tables install created, tables it found already present and left alone, and the
-    migrations of our own vb_ tables it applied."""
+    """Tables install created, tables it found already present and left alone, the
+    migrations of our own vb_ tables it applied, and what those migrations ask of an admin."""
 
     created: list[str]
     existing: list[str]
     migrated: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -268,9 +272,10 @@ def install(conn: Connection, engine: str | None = None) -> InstallReport:
         # Every vb_ table was just created at the current definitions: all versions apply.
         _record_versions(conn, database, range(1, SCHEMA_VERSION + 1))
         migrated: list[int] = []
+        notes: list[str] = []
     else:
-        migrated = upgrade(conn)
-    return InstallReport(created=created, existing=existing, migrated=migrated)
+        migrated, notes = upgrade(conn)
+    return InstallReport(created=created, existing=existing, migrated=migrated, notes=notes)
 
 
 # --------------------------------------------------------------------------- migrations
@@ -316,11 +321,63 @@ def _v3(conn: Connection) -> None:
     )
 
 
+def _grouping_note(campaign_id: str, mode: str, limit: int, now: tuple[str, str] | None) -> str:
+    """What an admin sets in VICIdial for one dropped vb_campaign_grouping row."""
+    if mode == "CASCADING" and limit > 0:
+        wanted = f"pllb_grouping = 'CASCADING', pllb_grouping_limit = {limit}"
+    elif mode == "ONE_SERVER_ONLY":
+        wanted = "pllb_grouping = 'ONE_SERVER_ONLY'"
+    elif mode == "CASCADING":
+        # Our CASCADING without a limit chose as if ungrouped.
+        wanted = "pllb_grouping = 'DISABLED' (cascade_limit 0 grouped nothing)"
+    else:
+        wanted = "pllb_grouping = 'DISABLED'"
+    current = "" if now is None else f" (it is now {now[0]!r}, limit {now[1]})"
+    return (
+        f"vb_campaign_grouping dropped its row for campaign {campaign_id} (mode {mode}, "
+        f"cascade_limit {limit}): set {wanted} in that campaign's vicidial_campaigns row "
+        f"(VICIdial's campaign screen){current}"
+    )
+
+
+def _v4(conn: Connection) -> list[str]:
+    """vb_campaign_grouping goes: login grouping is VICIdial's own vicidial_campaigns.pllb_*.
+
+    Each row it still holds comes back as a note naming the VICIdial setting to use instead.
+    """
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT 1 FROM information_schema.tables WHERE table_schema = DATABASE()"
+            " AND table_name = 'vb_campaign_grouping'"
+        )
+        if cur.fetchone() is None:
+            return []
+        cur.execute(
+            "SELECT campaign_id, mode, cascade_limit FROM vb_campaign_grouping ORDER BY campaign_id"
+        )
+        rows = [(str(c), str(m), int(n)) for c, m, n in cur.fetchall()]
+    current: dict[str, tuple[str, str]] = {}
+    if rows and _column_exists(conn, "vicidial_campaigns", "pllb_grouping"):
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT campaign_id, pllb_grouping, pllb_grouping_limit FROM vicidial_campaigns"
+                " WHERE campaign_id IN %s",
+                ([c for c, _, _ in rows],),
+            )
+            current = {str(c): (str(g), str(n)) for c, g, n in cur.fetchall()}
+    notes = [_grouping_note(c, m, n, current.get(c)) for c, m, n in rows]
+    with conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS vb_campaign_grouping")
+    return notes
+
+
 # Ordered steps for our own vb_ tables only (never VICIdial's); each is idempotent, so a step
 # that fails halfway is simply run again. Missing tables are created by install beforehand.
-MIGRATIONS: tuple[tuple[int, str, Callable[[Connection], None]], ...] = (
+# A step may return notes for the admin (printed by `schema install`, logged).
+MIGRATIONS: tuple[tuple[int, str, Callable[[Connection], list[str] | None]], ...] = (
     (2, "vb_call_retries for per-call failover", _v2),
     (3, "vb_leader fence, vb_decision_log.epoch, vb_call_retries.state", _v3),
+    (4, "vb_campaign_grouping dropped for VICIdial's vicidial_campaigns.pllb_grouping", _v4),
 )
 
 
@@ -366,24 +423,30 @@ def require_current(conn: Connection) -> None:
         )
 
 
-def upgrade(conn: Connection) -> list[int]:
-    """Apply the migrations newer than the recorded version; returns the versions applied."""
+def upgrade(conn: Connection) -> tuple[list[int], list[str]]:
+    """Apply the migrations newer than the recorded version; the versions applied and the
+    steps' notes for the admin (each also logged)."""
     database = _current_database(conn)
     current = schema_version(conn) or 0
     applied: list[int] = []
+    notes: list[str] = []
     for version, what, step in MIGRATIONS:
         if version <= current:
             continue
         try:
-            step(conn)
+            said = step(conn) or []
         except pymysql.MySQLError as exc:
             raise DatabaseError(
                 f"database {database}: schema migration {version} ({what}) failed"
                 f" ({_mysql_error(exc)})"
             ) from None
+        # Logged before the version is recorded: a note is never lost to a later failure.
+        for note in said:
+            log.warning("schema migration %d: %s", version, note)
+        notes.extend(said)
         _record_versions(conn, database, [version])
         applied.append(version)
-    return applied
+    return applied, notes
 
 
 def check(conn: Connection) -> list[SchemaProblem]:

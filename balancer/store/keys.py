@@ -23,6 +23,9 @@ CARRIER_FIELD = "carrier:"
 # the leader's carrier health and route table, for `routes`.
 BALANCE_SUMMARY = "balance"
 ROUTES_DOCUMENT = "routes"
+# The login-flag keeper's view: the active_agent_login_server flags the balancer holds closed
+# and why (published by the keeper of the leading daemon, for `status`).
+LOGIN_FLAGS_DOCUMENT = "login_flags"
 # Each publishing daemon's Kamailio state, as "kamailio:<daemon name>" (for status/kamailio).
 KAMAILIO_DOCUMENT = "kamailio"
 
