@@ -6,14 +6,17 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from click.testing import CliRunner
 from conftest import execute, fetchall
 from tracking_helpers import FAST_HEALTH, eventually, health_is, make_config, running, seed_server
 
 from balancer.agents.flag_rules import FlagAction, FlagChange
 from balancer.agents.login_flags import LoginFlagKeeper, flag_settings
+from balancer.cli.app import main
 from balancer.config import AgentsConfig, Config, HealthConfig
 from balancer.daemon import Daemon
 from balancer.db import agents as db_agents
@@ -23,6 +26,7 @@ from balancer.db.worker import DbWorker
 from balancer.sim.server import SimAsterisk
 from balancer.store.base import Health, ServerMeta, StateStore
 from balancer.store.memory import MemoryStore
+from balancer.store.redis import RedisStore
 
 IPS = ("10.10.0.1", "10.10.0.2", "10.10.0.3")
 
@@ -184,6 +188,115 @@ async def test_capacity_with_hysteresis_and_drain(
     await store.set_drained("10.10.0.1", False)
     assert actions(await keeper.reconcile_once()) == [("10.10.0.1", FlagAction.REOPEN)]
     assert records(db) == {}
+
+
+async def test_readme_example_full_server_closed_then_reopened_by_the_hysteresis(
+    db: Connection, database_url: DatabaseUrl, worker: DbWorker, redis_db: str, tmp_path: Path
+) -> None:
+    """README, "Login flags": capacity 20, hysteresis 10 %. The 20th agent closes ast2's flag,
+    the agent screen (mode "vicidial") stops choosing it, `status` says why; 19 agents keep it
+    closed, 18 re-open it."""
+    for ip in ("10.10.0.1", "10.10.0.2"):
+        add_server(db, ip)
+        execute(db, "INSERT INTO server_updater (server_ip, last_update) VALUES (%s, NOW())", ip)
+        execute(
+            db,
+            "INSERT INTO vicidial_conferences (conf_exten, server_ip, extension)"
+            " VALUES (8600051, %s, '')",
+            ip,
+        )
+        execute(
+            db,
+            "INSERT INTO phones (extension, server_ip, login, pass, active, protocol)"
+            " VALUES (%s, %s, %s, 'x', 'Y', 'SIP')",
+            "10" + ip[-1],
+            ip,
+            "10" + ip[-1],
+        )
+    execute(db, "INSERT INTO phones_alias (alias_id, logins_list) VALUES ('agent7', '101,102')")
+    prefix = "vbflags:"
+    store = RedisStore(redis_db, prefix, state_ttl_s=30)
+    clock = Clock()
+    config = make_config(
+        database_url,
+        redis_url=redis_db,
+        prefix=prefix,
+        health=HealthConfig(heartbeat_interval_s=1.0, heartbeat_misses=2),
+        agents=AgentsConfig(default_capacity=20, hysteresis_pct=10.0),
+    )
+    keeper = LoginFlagKeeper(config, store, worker, clock=clock)
+    toml = tmp_path / "vb.toml"
+    toml.write_text(
+        f'[database]\nurl = "{database_url.unmasked()}"\n'
+        f'[redis]\nurl = "{redis_db}"\nkey_prefix = "{prefix}"\n[agents]\nmode = "vicidial"\n'
+    )
+
+    async def cli(*args: str) -> str:
+        # The commands run their own event loop: off this one.
+        invoke = partial(CliRunner().invoke, main, ["--config", str(toml), *args])
+        result = await asyncio.to_thread(invoke)
+        assert result.exception is None or isinstance(result.exception, SystemExit), result
+        return result.output
+
+    try:
+        for ip in ("10.10.0.1", "10.10.0.2"):
+            await set_health(store, ip, Health.UP)
+        await store.touch_daemon("test-daemon", 60)
+        set_agents(db, "10.10.0.1", 19)
+        set_agents_from(db, "10.10.0.2", 19, first=100)
+        assert await keeper.reconcile_once() == []
+        clock.now += 10  # UP for longer than the settle time (1 s x 2 misses) from here on
+        assert "LOGIN FLAGS: the balancer holds none closed" in await cli("status")
+
+        # The 20th agent on ast2: full, its flag closed.
+        set_agents_from(db, "10.10.0.2", 20, first=100)
+        [change] = await keeper.reconcile_once()
+        assert (change.action, change.reason) == (FlagAction.CLOSE, "at agent capacity (20/20)")
+        assert flags(db)["10.10.0.2"] == "N"
+        # VICIdial's agent screen skips it now (mode "vicidial" shows the screen's own pick).
+        picked = await cli("assign-phone", "agent7", "--json")
+        assert '"login": "101"' in picked
+        assert "skipped 10.10.0.2: agent logins off (active_agent_login_server='N')" in picked
+        table = await cli("status")
+        assert (
+            "LOGIN FLAGS: the balancer holds 1 closed (active_agent_login_server='N', checked"
+            in table
+        )
+        row = next(line for line in table.splitlines() if line.startswith("10.10.0.2  ast2"))
+        assert row.split()[4:] == ["at", "agent", "capacity", "(20/20)"] * 2
+
+        # One agent logs out: 19/20 is below capacity but above the re-open mark (18).
+        set_agents_from(db, "10.10.0.2", 19, first=100)
+        assert await keeper.reconcile_once() == []
+        row = next(
+            line for line in (await cli("status")).splitlines() if line.startswith("10.10.0.2")
+        )
+        assert row.endswith("at agent capacity (20/20)  19/20 agents, re-opens at 18")
+
+        # Another: 18/20, re-opened to the admin's 'Y'; the record is gone.
+        set_agents_from(db, "10.10.0.2", 18, first=100)
+        [change] = await keeper.reconcile_once()
+        assert (change.action, change.reason) == (FlagAction.REOPEN, "UP, 18/20 agents")
+        assert flags(db)["10.10.0.2"] == "Y" and records(db) == {}
+        assert flag_log(db) == [("10.10.0.2", "closed"), ("10.10.0.2", "reopened")]
+        assert "LOGIN FLAGS: the balancer holds none closed" in await cli("status")
+        assert '"login": "102"' in await cli("assign-phone", "agent7", "--json")  # 18 < 19
+    finally:
+        await store.close()
+
+
+def set_agents_from(db: Connection, ip: str, count: int, first: int) -> None:
+    """Like set_agents, with user names from ``first`` (so two servers' agents differ)."""
+    execute(db, "DELETE FROM vicidial_live_agents WHERE server_ip = %s", ip)
+    for i in range(first, first + count):
+        execute(
+            db,
+            "INSERT INTO vicidial_live_agents (user, server_ip, extension, campaign_id)"
+            " VALUES (%s, %s, %s, 'CAMP1')",
+            f"u{i}",
+            ip,
+            f"SIP/{i}",
+        )
 
 
 async def test_startup_grace_and_admin_overrides(

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from balancer.cli.app import main
 from balancer.live.status import build_status, render_table
 from balancer.store.base import Channel, ChannelClass, Health, ServerMeta
+from balancer.store.keys import LOGIN_FLAGS_DOCUMENT
 from balancer.store.memory import MemoryStore
 from balancer.store.redis import RedisStore
 
@@ -101,6 +102,7 @@ def test_status_json_document(tmp_path: Path, redis_db: str) -> None:
     assert first["lines_known"] is True and first["last_seen_lines"] is None
     assert doc["totals"]["trunk_lines"] == 2 and doc["totals"]["max_trunks"] == 33
     assert doc["totals"]["up"] == 1 and doc["totals"]["servers"] == 2
+    assert doc["login_flags"] is None  # no keeper published
     assert "dbpass" not in result.output
 
 
@@ -177,3 +179,47 @@ def test_status_watch_redraws_in_place(tmp_path: Path, redis_db: str) -> None:
     assert result.exit_code == 0, result.output
     assert result.output.count("\x1b[H\x1b[2J") == 2  # cursor home + clear before each frame
     assert result.output.count("SERVER_IP") >= 2 and "ast1" in result.output
+
+
+async def test_login_flags_section() -> None:
+    """What the login-flag keeper published: the flags the balancer holds, the others' 'N's."""
+    store = MemoryStore(state_ttl_s=30)
+    await store.set_meta("10.10.0.1", ServerMeta(health=Health.UP))
+    await store.touch_daemon("d", 10)
+    doc = await build_status(store, "memory://", now=1000.0)
+    assert "LOGIN FLAGS: not published" in render_table(doc)
+    published = {
+        "version": 1,
+        "published_at": 998.0,
+        "held": [
+            {
+                "server_ip": "10.10.0.2",
+                "server_id": "ast2",
+                "closed_because": "DOWN (connection closed)",
+                "since": "2026-01-02 03:04:05",
+                "restores": "Y",
+                "now": "UP for 1.0s < 2s",
+            }
+        ],
+        "not_ours": [
+            {"server_ip": "10.10.0.3", "server_id": "ast3", "flag": "N"},
+            {"server_ip": "10.10.0.4", "server_id": "", "flag": None},
+        ],
+    }
+    await store.put_document(LOGIN_FLAGS_DOCUMENT, json.dumps(published), 10)
+    doc = await build_status(store, "memory://", now=1000.0)
+    assert doc["login_flags"] == published
+    lines = render_table(doc).splitlines()
+    start = lines.index(
+        "LOGIN FLAGS: the balancer holds 1 closed (active_agent_login_server='N', checked 2.0s ago)"
+    )
+    assert lines[start + 1 : start + 4] == [
+        "SERVER_IP  SERVER  SINCE                CLOSED BECAUSE            NOW",
+        "10.10.0.2  ast2    2026-01-02 03:04:05  DOWN (connection closed)  UP for 1.0s < 2s",
+        "closed by someone else, never re-opened by the balancer: 10.10.0.3 (ast3), 10.10.0.4",
+    ]
+    await store.put_document(
+        LOGIN_FLAGS_DOCUMENT, json.dumps({**published, "held": [], "not_ours": []}), 10
+    )
+    text = render_table(await build_status(store, "memory://", now=1000.0))
+    assert "LOGIN FLAGS: the balancer holds none closed (checked 2.0s ago)" in text

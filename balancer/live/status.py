@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from balancer.store.base import ChannelClass, Health, ServerState, StateStore
-from balancer.store.keys import BALANCE_SUMMARY, kamailio_document
+from balancer.store.keys import BALANCE_SUMMARY, LOGIN_FLAGS_DOCUMENT, kamailio_document
 
 STATUS_VERSION = 2  # 2: a DOWN or stale server's line counts are null (last_seen_lines)
 
@@ -95,6 +95,7 @@ async def build_status(store: StateStore, source: str, now: float | None = None)
         "servers": servers,
         "totals": totals,
         "kamailio": kamailio,
+        "login_flags": await login_flags_view(store),
         "warnings": warnings,
     }
 
@@ -188,6 +189,7 @@ def render_table(doc: dict[str, Any]) -> str:
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
     lines.extend(_render_balance(doc.get("balance")))
     lines.extend(_render_kamailio(doc.get("kamailio") or [], doc["generated_at"]))
+    lines.extend(_render_login_flags(doc.get("login_flags"), doc["generated_at"]))
     for problem in [*doc["problems"], *doc.get("warnings", [])]:
         lines.append(f"WARNING: {problem}")
     return "\n".join(lines)
@@ -249,6 +251,53 @@ def _render_balance(balance: dict[str, Any] | None) -> list[str]:
             )
         lines.append("")
         lines.extend(columns(rows))
+    return lines
+
+
+# --------------------------------------------------------------------------- login flags
+
+
+async def login_flags_view(store: StateStore) -> dict[str, Any] | None:
+    """The login-flag keeper's last published view (balancer/agents/login_flags.py): the
+    active_agent_login_server flags the balancer holds closed, and why; None when none is."""
+    text = await store.get_document(LOGIN_FLAGS_DOCUMENT)
+    view: dict[str, Any] | None = json.loads(text) if text else None
+    return view
+
+
+def _render_login_flags(flags: dict[str, Any] | None, now: float) -> list[str]:
+    """Which login flags the balancer holds closed and why; the 'N's it leaves alone."""
+    if not flags:
+        return ["", "LOGIN FLAGS: not published (agents.manage_login_flags off, or no daemon)"]
+    held = flags.get("held") or []
+    age = f"{max(0.0, now - float(flags.get('published_at') or now)):.1f}s ago"
+    if not held:
+        lines = ["", f"LOGIN FLAGS: the balancer holds none closed (checked {age})"]
+    else:
+        lines = [
+            "",
+            f"LOGIN FLAGS: the balancer holds {len(held)} closed"
+            f" (active_agent_login_server='N', checked {age})",
+        ]
+        rows: list[tuple[str, ...]] = [("SERVER_IP", "SERVER", "SINCE", "CLOSED BECAUSE", "NOW")]
+        for h in held:
+            rows.append(
+                (
+                    str(h["server_ip"]),
+                    str(h["server_id"] or "-"),
+                    str(h["since"] or "-"),
+                    str(h["closed_because"]),
+                    str(h["now"]),
+                )
+            )
+        lines.extend(columns(rows))
+    others = flags.get("not_ours") or []
+    if others:
+        names = ", ".join(
+            f"{o['server_ip']} ({o['server_id']})" if o["server_id"] else str(o["server_ip"])
+            for o in others
+        )
+        lines.append(f"closed by someone else, never re-opened by the balancer: {names}")
     return lines
 
 
