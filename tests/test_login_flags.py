@@ -52,9 +52,10 @@ def add_server(db: Connection, ip: str, login: str = "Y") -> None:
     )
 
 
-def set_agents(db: Connection, ip: str, count: int) -> None:
+def set_agents(db: Connection, ip: str, count: int, first: int = 0) -> None:
+    """``count`` agents on the server, users u<first>... (two servers' users must differ)."""
     execute(db, "DELETE FROM vicidial_live_agents WHERE server_ip = %s", ip)
-    for i in range(count):
+    for i in range(first, first + count):
         execute(
             db,
             "INSERT INTO vicidial_live_agents (user, server_ip, extension, campaign_id)"
@@ -243,13 +244,13 @@ async def test_readme_example_full_server_closed_then_reopened_by_the_hysteresis
             await set_health(store, ip, Health.UP)
         await store.touch_daemon("test-daemon", 60)
         set_agents(db, "10.10.0.1", 19)
-        set_agents_from(db, "10.10.0.2", 19, first=100)
+        set_agents(db, "10.10.0.2", 19, first=100)
         assert await keeper.reconcile_once() == []
         clock.now += 10  # UP for longer than the settle time (1 s x 2 misses) from here on
         assert "LOGIN FLAGS: the balancer holds none closed" in await cli("status")
 
         # The 20th agent on ast2: full, its flag closed.
-        set_agents_from(db, "10.10.0.2", 20, first=100)
+        set_agents(db, "10.10.0.2", 20, first=100)
         [change] = await keeper.reconcile_once()
         assert (change.action, change.reason) == (FlagAction.CLOSE, "at agent capacity (20/20)")
         assert flags(db)["10.10.0.2"] == "N"
@@ -266,7 +267,7 @@ async def test_readme_example_full_server_closed_then_reopened_by_the_hysteresis
         assert row.split()[4:] == ["at", "agent", "capacity", "(20/20)"] * 2
 
         # One agent logs out: 19/20 is below capacity but above the re-open mark (18).
-        set_agents_from(db, "10.10.0.2", 19, first=100)
+        set_agents(db, "10.10.0.2", 19, first=100)
         assert await keeper.reconcile_once() == []
         row = next(
             line for line in (await cli("status")).splitlines() if line.startswith("10.10.0.2")
@@ -274,7 +275,7 @@ async def test_readme_example_full_server_closed_then_reopened_by_the_hysteresis
         assert row.endswith("at agent capacity (20/20)  19/20 agents, re-opens at 18")
 
         # Another: 18/20, re-opened to the admin's 'Y'; the record is gone.
-        set_agents_from(db, "10.10.0.2", 18, first=100)
+        set_agents(db, "10.10.0.2", 18, first=100)
         [change] = await keeper.reconcile_once()
         assert (change.action, change.reason) == (FlagAction.REOPEN, "UP, 18/20 agents")
         assert flags(db)["10.10.0.2"] == "Y" and records(db) == {}
@@ -283,20 +284,6 @@ async def test_readme_example_full_server_closed_then_reopened_by_the_hysteresis
         assert '"login": "102"' in await cli("assign-phone", "agent7", "--json")  # 18 < 19
     finally:
         await store.close()
-
-
-def set_agents_from(db: Connection, ip: str, count: int, first: int) -> None:
-    """Like set_agents, with user names from ``first`` (so two servers' agents differ)."""
-    execute(db, "DELETE FROM vicidial_live_agents WHERE server_ip = %s", ip)
-    for i in range(first, first + count):
-        execute(
-            db,
-            "INSERT INTO vicidial_live_agents (user, server_ip, extension, campaign_id)"
-            " VALUES (%s, %s, %s, 'CAMP1')",
-            f"u{i}",
-            ip,
-            f"SIP/{i}",
-        )
 
 
 async def test_startup_grace_and_admin_overrides(
