@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest_asyncio
 from conftest import execute, fetchall
+from fixtures_sim import start_cluster
 from tracking_helpers import eventually, health_is, make_config, running
 
 from balancer.carriers.routing import BreakerState
@@ -378,15 +379,16 @@ async def test_local_only_calls_open_the_breaker_and_later_calls_skip_the_carrie
     calls, each counted once, and later calls go straight to the next carrier."""
     local = [SimCarrier(name, prefix, local_only=True) for prefix, name in PREFIX.items()]
     async with AsyncExitStack() as stack:
-        sims = []
-        for ip in IPS:
-            sim = SimAsterisk(ip, carriers=local, call_duration_s=120, answer_delay_s=0.02)
-            await sim.start()
-            stack.push_async_callback(sim.stop)
-            sender = CommandSender(sim, database_url, poll_interval_s=0.02)
-            await sender.start()
-            stack.push_async_callback(sender.stop)
-            sims.append(sim)
+        sims = await start_cluster(
+            stack,
+            database_url,
+            IPS,
+            poll_interval_s=0.02,
+            carriers=local,
+            call_duration_s=120,
+            answer_delay_s=0.02,
+        )
+        for sim in sims:
             sim.set_carrier_state("alpha", fail_cause=34)
         seed(db, sims, shortage=12)
         daemon = Daemon(routing_config(database_url, redis_db, retry_failed_calls=False))

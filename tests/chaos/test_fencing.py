@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import balance_seed as seed
+import fixtures_sim
 import pytest
 from conftest import both_engines, execute, fetchall
 from tracking_helpers import eventually, make_config, running
@@ -41,7 +42,6 @@ from balancer.db.fence import LeaderFence
 from balancer.db.repair import repair
 from balancer.db.url import DatabaseUrl
 from balancer.sim.seed import SeedCampaign, SeedServer, seed_campaigns, seed_servers
-from balancer.sim.sender import CommandSender
 from balancer.sim.server import SimAsterisk
 
 VDAD = "VDAD_10.10.0.9"  # VICIdial's dialer on a server of its own
@@ -212,16 +212,7 @@ IPS = ("10.10.0.1", "10.10.0.2", "10.10.0.3")
 
 
 async def start_cluster(stack: contextlib.AsyncExitStack, url: DatabaseUrl) -> list[SimAsterisk]:
-    sims = []
-    for ip in IPS:
-        sim = SimAsterisk(ip, max_lines=200, call_duration_s=60)
-        await sim.start()
-        stack.push_async_callback(sim.stop)
-        sender = CommandSender(sim, url, poll_interval_s=0.05)
-        await sender.start()
-        stack.push_async_callback(sender.stop)
-        sims.append(sim)
-    return sims
+    return await fixtures_sim.start_cluster(stack, url, IPS, max_lines=200, call_duration_s=60)
 
 
 def memory_config(url: DatabaseUrl, **balance: object) -> Config:
