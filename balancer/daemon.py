@@ -38,7 +38,7 @@ from balancer.ops.metrics import KAMAILIO_LAG_BUCKETS_S, CycleStats, Histogram
 from balancer.ops.retention import Retention
 from balancer.store.base import Health, ServerMeta, StateStore
 from balancer.store.factory import open_store
-from balancer.store.keys import BALANCE_SUMMARY
+from balancer.store.keys import BALANCE_SUMMARY, SERVERS_DOCUMENT
 from balancer.store.memory import MemoryStore
 from balancer.web.server import WebServer
 
@@ -375,6 +375,29 @@ class Daemon:
         self.watched = watched
         self.carrier_health.update_registry(names, cluster.carriers, watched)
         await self.fabric.sync({ip: w.endpoint for ip, w in watched.items()})
+        await self._publish_servers(cluster.servers)
+
+    async def _publish_servers(self, rows: list[records.ServerRow]) -> None:
+        """Every servers row, tracked or not and why not, for `status` (which reads only the
+        store): a server the registry does not watch is still listed."""
+        untracked = self.registry.untracked(rows)
+        doc = [
+            {
+                "server_ip": row.server_ip,
+                "server_id": row.server_id,
+                "active": row.active,
+                "active_asterisk_server": row.active_asterisk_server,
+                "active_agent_login_server": row.active_agent_login_server,
+                "tracked": row.server_ip in self.watched,
+                "why_untracked": untracked.get(row.server_ip),
+            }
+            for row in rows
+        ]
+        ttl = max(3 * self.config.ami.registry_refresh_s, self.config.redis.state_ttl_s)
+        try:
+            await self.store.put_document(SERVERS_DOCUMENT, json.dumps(doc), ttl)
+        except BalancerError as exc:
+            log.error("cannot publish the servers document: %s", exc)
 
     async def settled(self, timeout_s: float) -> None:
         """Wait (at most timeout_s) until every watched server was snapshotted or failed once."""
@@ -453,8 +476,9 @@ class Daemon:
     async def _publish_summary(self, cycle: BalanceCycle, result: CycleResult) -> None:
         ttl = max(3 * self.config.balance.cycle_interval_s, self.config.redis.state_ttl_s)
         try:
-            summary = json.dumps(cycle.summary(result))
-            await self.store.put_document(BALANCE_SUMMARY, summary, ttl)
+            summary = cycle.summary(result)
+            summary["leader"] = {"name": self.name, "epoch": self.leadership.epoch}
+            await self.store.put_document(BALANCE_SUMMARY, json.dumps(summary), ttl)
         except BalancerError as exc:
             log.error("cannot publish the balance summary: %s", exc)
 

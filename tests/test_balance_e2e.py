@@ -278,3 +278,59 @@ async def test_a_faithful_one_shot_opens_no_ami_session(
     await rebalance_once(live, dry_run=True)  # live mode needs the lines: it tracks briefly
     assert all(sim.logins >= 1 for sim in cluster)
     assert_consistent(db)
+
+
+async def test_status_shows_every_server_the_breakers_and_the_leader(
+    db: Connection, database_url: DatabaseUrl, redis_db: str, cluster: list[SimAsterisk]
+) -> None:
+    from balancer.config import CarrierConfig, RouteConfig
+    from balancer.live.status import build_status, render_table
+    from balancer.store.factory import open_store
+
+    seed(db, cluster)
+    execute(
+        db,
+        "INSERT INTO servers (server_id, server_ip, active, active_asterisk_server)"
+        " VALUES ('old9', '10.10.0.9', 'N', 'Y')",
+    )
+    config = replace(
+        balance_config(database_url, redis_db, prefix="vbstat:"),
+        carriers=(CarrierConfig("alpha", "9"),),
+        routes=(RouteConfig("default", (("alpha",),)),),
+    )
+    daemon = Daemon(config)
+    async with running(daemon):
+        await daemon.store.set_drained("10.10.0.8", True)  # drained ahead of time, never tracked
+
+        async def complete() -> bool:
+            doc = await build_status(daemon.store, "test")
+            ips = [s["server_ip"] for s in doc["servers"]]
+            return (
+                ips == [*IPS, "10.10.0.8", "10.10.0.9"]
+                and doc["balance"] is not None
+                and bool(doc["carriers"])
+            )
+
+        await eventually(complete, timeout=20)
+        doc = await build_status(daemon.store, "test")
+    by_ip = {s["server_ip"]: s for s in doc["servers"]}
+    assert by_ip["10.10.0.9"]["health"] == "untracked"
+    assert by_ip["10.10.0.9"]["health_reason"] == "servers.active is not 'Y'"
+    assert by_ip["10.10.0.8"]["health"] == "drained" and by_ip["10.10.0.8"]["trunk_lines"] is None
+    assert doc["totals"]["servers"] == 5 and doc["totals"]["up"] == 3
+    assert doc["balance"]["leader"] == {"name": daemon.name, "epoch": 1}
+    carriers = {(c["carrier"], c["server_ip"]) for c in doc["carriers"]}
+    assert ("alpha", None) in carriers  # carrier-wide, then each server it has been used on
+    assert {ip for _, ip in carriers} <= {None, *IPS}
+    text = render_table(doc)
+    assert f"leader {daemon.name} epoch 1" in text and "UNTRACKED" in text
+    assert "alpha" in next(line for line in text.splitlines() if line.startswith("alpha"))
+    store = open_store(config.redis)  # and from another process's point of view: the same
+    try:
+        assert [s["server_ip"] for s in (await build_status(store, "x"))["servers"]] == [
+            *IPS,
+            "10.10.0.8",
+            "10.10.0.9",
+        ]
+    finally:
+        await store.close()

@@ -90,6 +90,20 @@ class Registry:
         self.ami = ami
         self._warned: set[tuple[str, str, str]] = set()
 
+    def untracked(self, rows: Iterable[ServerRow]) -> dict[str, str]:
+        """server_ip -> why the registry does not watch that servers row."""
+        why: dict[str, str] = {}
+        for row in rows:
+            if row.active != "Y":
+                why[row.server_ip] = "servers.active is not 'Y'"
+            elif row.active_asterisk_server != "Y":
+                why[row.server_ip] = "servers.active_asterisk_server is not 'Y'"
+            else:
+                resolved = resolve(row, self.ami)
+                if isinstance(resolved, RowProblem):
+                    why[row.server_ip] = str(resolved)
+        return why
+
     def watched(self, rows: Iterable[ServerRow]) -> dict[str, WatchedServer]:
         """server_ip -> WatchedServer for every active Asterisk server with valid fields."""
         result: dict[str, WatchedServer] = {}

@@ -11,7 +11,13 @@ import time
 from typing import Any
 
 from balancer.store.base import ChannelClass, Health, ServerState, StateStore
-from balancer.store.keys import BALANCE_SUMMARY, LOGIN_FLAGS_DOCUMENT, kamailio_document
+from balancer.store.keys import (
+    BALANCE_SUMMARY,
+    LOGIN_FLAGS_DOCUMENT,
+    ROUTES_DOCUMENT,
+    SERVERS_DOCUMENT,
+    kamailio_document,
+)
 
 STATUS_VERSION = 2  # 2: a DOWN or stale server's line counts are null (last_seen_lines)
 
@@ -63,7 +69,9 @@ async def build_status(store: StateStore, source: str, now: float | None = None)
     now = time.time() if now is None else now
     states = await store.servers()
     daemons = await store.daemons()
-    servers = [server_entry(s, now) for s in states]
+    tracked = [server_entry(s, now) for s in states]
+    servers = tracked + await untracked_entries(store, {s["server_ip"] for s in tracked})
+    servers.sort(key=lambda s: str(s["server_ip"]))
     keys = ("trunk_lines", "max_trunks", "agent_phones", "local", "other", "total")
     totals: dict[str, Any] = {k: sum(s[k] or 0 for s in servers) for k in keys}
     totals["servers"] = len(servers)
@@ -73,7 +81,7 @@ async def build_status(store: StateStore, source: str, now: float | None = None)
         problems.append("no daemon is tracking (no fresh daemon heartbeat in the store)")
     if not servers:
         problems.append("the store knows no servers")
-    stale = [s["server_ip"] for s in servers if not s["fresh"]]
+    stale = [s["server_ip"] for s in tracked if not s["fresh"]]
     if stale:
         problems.append(f"stale state for {', '.join(stale)}")
     balance_text = await store.get_document(BALANCE_SUMMARY)
@@ -95,9 +103,80 @@ async def build_status(store: StateStore, source: str, now: float | None = None)
         "servers": servers,
         "totals": totals,
         "kamailio": kamailio,
+        "carriers": await carrier_states(store),
         "login_flags": await login_flags_view(store),
         "warnings": warnings,
     }
+
+
+async def untracked_entries(store: StateStore, tracked: set[str]) -> list[dict[str, Any]]:
+    """The servers rows the daemons do not track (inactive, not Asterisk, invalid), and drained
+    servers the tracker never published: listed so that no server is invisible."""
+    text = await store.get_document(SERVERS_DOCUMENT)
+    rows: list[dict[str, Any]] = json.loads(text) if text else []
+    drained = await store.drained()
+    entries: list[dict[str, Any]] = []
+    for row in rows:
+        ip = str(row["server_ip"])
+        if ip in tracked:
+            continue
+        entries.append(_untracked(ip, str(row.get("server_id") or ""), ip in drained, row))
+    listed = tracked | {str(row["server_ip"]) for row in rows}
+    entries.extend(_untracked(ip, "", True, None) for ip in sorted(drained - listed))
+    return entries
+
+
+def _untracked(
+    ip: str, server_id: str, drained: bool, row: dict[str, Any] | None
+) -> dict[str, Any]:
+    why = (row or {}).get("why_untracked") or "not in the tracker (no AMI session)"
+    return {
+        "server_id": server_id,
+        "server_ip": ip,
+        "health": "drained" if drained else "untracked",
+        "tracked_health": "untracked",
+        "health_reason": why,
+        "drained": drained,
+        "fresh": False,
+        "address": "",
+        "max_trunks": 0,
+        "lines_known": False,
+        **dict.fromkeys(("trunk_lines", "agent_phones", "local", "other", "total")),
+        "last_seen_lines": None,
+        "carriers": {},
+        "last_event_age_s": None,
+        "rtt_ms": None,
+        "reconnects": 0,
+        "connected_since": None,
+    }
+
+
+async def carrier_states(store: StateStore) -> list[dict[str, Any]]:
+    """Each carrier's breaker, carrier-wide and per server, as the leader last published it."""
+    text = await store.get_document(ROUTES_DOCUMENT)
+    if not text:
+        return []
+    out: list[dict[str, Any]] = []
+    for carrier in json.loads(text).get("carriers", []):
+        out.append(
+            {
+                "carrier": carrier["id"],
+                "server_ip": None,
+                "state": carrier["state"],
+                "reason": carrier.get("reason", ""),
+            }
+        )
+        for server in carrier.get("servers", []):
+            state = server["state"] if server.get("available", True) else "unavailable"
+            out.append(
+                {
+                    "carrier": carrier["id"],
+                    "server_ip": server["server_ip"],
+                    "state": state,
+                    "reason": server.get("reason", ""),
+                }
+            )
+    return out
 
 
 async def kamailio_endpoints(store: StateStore, daemons: list[str]) -> list[dict[str, Any]]:
@@ -188,11 +267,30 @@ def render_table(doc: dict[str, Any]) -> str:
     lines = columns(rows)
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
     lines.extend(_render_balance(doc.get("balance")))
+    lines.extend(_render_carriers(doc.get("carriers") or []))
     lines.extend(_render_kamailio(doc.get("kamailio") or [], doc["generated_at"]))
     lines.extend(_render_login_flags(doc.get("login_flags"), doc["generated_at"]))
     for problem in [*doc["problems"], *doc.get("warnings", [])]:
         lines.append(f"WARNING: {problem}")
     return "\n".join(lines)
+
+
+def _render_carriers(carriers: list[dict[str, Any]]) -> list[str]:
+    """One line per carrier: its carrier-wide breaker, then each server's (as the leader sees)."""
+    if not carriers:
+        return []
+    by_carrier: dict[str, list[dict[str, Any]]] = {}
+    for row in carriers:
+        by_carrier.setdefault(str(row["carrier"]), []).append(row)
+    rows: list[tuple[str, ...]] = [("CARRIER", "BREAKERS (carrier-wide, then per server)")]
+    for carrier, states in by_carrier.items():
+        parts = []
+        for row in states:
+            where = row["server_ip"] or "all"
+            reason = f" ({row['reason']})" if row["reason"] and row["state"] != "closed" else ""
+            parts.append(f"{where} {str(row['state']).upper()}{reason}")
+        rows.append((carrier, "; ".join(parts)))
+    return ["", *columns(rows)]
 
 
 def _render_kamailio(endpoints: list[dict[str, Any]], now: float) -> list[str]:
@@ -225,7 +323,9 @@ def _render_balance(balance: dict[str, Any] | None) -> list[str]:
     if not balance:
         return ["", "BALANCE: no recent cycle (no daemon leading, or balancing disabled)"]
     state = balance.get("stopped") or balance.get("skipped") or "active"
-    lines = ["", f"BALANCE ({balance['mode']}, cycle {balance['cycle_id']}): {state}"]
+    leader = balance.get("leader") or {}
+    by = f", leader {leader['name']} epoch {leader.get('epoch')}" if leader.get("name") else ""
+    lines = ["", f"BALANCE ({balance['mode']}, cycle {balance['cycle_id']}{by}): {state}"]
     rows: list[tuple[str, ...]] = [("SERVER_IP", "BALANCE", "RANK", "ALLOWED", "OUTBALANCE")]
     for s in balance["servers"]:
         rows.append(

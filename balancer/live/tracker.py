@@ -152,7 +152,7 @@ class Tracker:
         track = self.servers.get(server_ip)
         if track is not None and track.updater_age_s != age_s:
             track.updater_age_s = age_s
-            self._refresh_health(track)
+            self._refresh_health(track, server_ip)
 
     # ------------------------------------------------------------------ SessionListener
 
@@ -226,7 +226,7 @@ class Tracker:
             track.meta = replace(track.meta, connected_since=self.clock())
         elif health is Health.DOWN:
             track.meta = replace(track.meta, connected_since=None)
-        self._refresh_health(track)
+        self._refresh_health(track, server_ip)
 
     def on_rtt(self, server_ip: str, rtt_ms: float) -> None:
         track = self.servers.get(server_ip)
@@ -249,15 +249,19 @@ class Tracker:
             track.snapshot_buffer.append(op)
         self._wake.set()
 
-    def _refresh_health(self, track: _ServerTrack) -> None:
+    def _refresh_health(self, track: _ServerTrack, server_ip: str) -> None:
         verdict = effective_health(
             track.ami_health, track.ami_reason, track.updater_age_s, self.health_config
         )
         if (verdict.health, verdict.reason) != (track.meta.health, track.meta.health_reason):
             if verdict.health is not track.meta.health:
+                # named by server_ip (and server_id), as everywhere else; not by AMI address
+                name = (
+                    f"{server_ip} ({track.meta.server_id})" if track.meta.server_id else server_ip
+                )
                 log.info(
                     "server %s: %s -> %s (%s)",
-                    track.meta.address or "?",
+                    name,
                     track.meta.health,
                     verdict.health,
                     verdict.reason,

@@ -23,6 +23,8 @@ CARRIER_FIELD = "carrier:"
 # the leader's carrier health and route table, for `routes`.
 BALANCE_SUMMARY = "balance"
 ROUTES_DOCUMENT = "routes"
+# every servers row the registry read, tracked or not (so `status` lists all of them)
+SERVERS_DOCUMENT = "servers"
 # The login-flag keeper's view: the active_agent_login_server flags the balancer holds closed
 # and why (published by the keeper of the leading daemon, for `status`).
 LOGIN_FLAGS_DOCUMENT = "login_flags"
