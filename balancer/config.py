@@ -102,6 +102,7 @@ class AmiConfig:
 class HealthConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_misses: int = 2
+    heartbeat_timeout_s: float = 0.5  # a Ping unanswered this long is a miss (<= the interval)
     server_updater_max_age_s: float = 60.0
     check_server_updater: bool = True
 
@@ -264,9 +265,14 @@ def _ami(section: _Section, env: Mapping[str, str]) -> AmiConfig:
 
 
 def _health(section: _Section) -> HealthConfig:
+    interval = section.get("heartbeat_interval_s", 1.0, _positive_float)
+    timeout = section.get("heartbeat_timeout_s", min(0.5, interval), _positive_float)
+    if timeout > interval:
+        raise ConfigError("health.heartbeat_timeout_s: must be <= health.heartbeat_interval_s")
     config = HealthConfig(
-        heartbeat_interval_s=section.get("heartbeat_interval_s", 1.0, _positive_float),
+        heartbeat_interval_s=interval,
         heartbeat_misses=section.get("heartbeat_misses", 2, _int_min(1)),
+        heartbeat_timeout_s=timeout,
         server_updater_max_age_s=section.get("server_updater_max_age_s", 60.0, _positive_float),
         check_server_updater=section.get("check_server_updater", True, _bool),
     )

@@ -281,7 +281,8 @@ class Daemon:
         await self._balance_db.close()
         await self._retention_db.close()
         await self.leadership.release()
-        await self.fabric.close()
+        for server_ip, session in (await self.fabric.close()).items():
+            self.tracker.set_reconnects(server_ip, session.reconnects)  # the final count
         with contextlib.suppress(TimeoutError, BalancerError):
             await asyncio.wait_for(self.tracker.flush(), 2.0)
         await self._db.close()
@@ -295,7 +296,7 @@ class Daemon:
             time.monotonic() - self.counters.started_at,
             len(self.watched),
             self.tracker.events_total,
-            sum(s.reconnects for s in self.fabric.sessions.values()),
+            self.fabric.reconnects,
             self.counters.snapshots,
             self.counters.snapshot_failures,
             self.counters.registry_refreshes,
@@ -407,7 +408,9 @@ class Daemon:
             pending = [
                 ip
                 for ip, session in self.fabric.sessions.items()
-                if ip not in self.tracker.snapshotted and session.reconnects == 0
+                if ip not in self.tracker.snapshotted
+                and session.attempts <= 1
+                and session.failures == 0
             ]
             if not pending:
                 break

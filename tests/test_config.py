@@ -36,11 +36,17 @@ def test_defaults() -> None:
     assert config.ami.address_policy == "server_ip"
     assert config.health.heartbeat_interval_s == 1.0
     assert config.health.heartbeat_misses == 2
+    assert config.health.heartbeat_timeout_s == 0.5
     assert config.balance.mode == "live"
     assert config.balance.cycle_interval_s == 2.5
     assert config.ami.reconnect_max_s == 30.0
     assert config.database.url.database == "asterisk"
     assert config.database.source == "config"
+
+
+def test_heartbeat_timeout_defaults_to_the_interval_when_that_is_shorter() -> None:
+    config = build({**DB, "health": {"heartbeat_interval_s": 0.3}})
+    assert config.health.heartbeat_timeout_s == 0.3
 
 
 def test_example_config_is_valid_and_complete() -> None:
@@ -170,6 +176,11 @@ def test_cli_bad_route_exits_2_naming_it(tmp_path: Path) -> None:
         ({"ami": {"servers": {"10.0.0.1": {"port": 1}}}}, "ami.servers.10.0.0.1.port"),
         ({"ami": {"max_message_bytes": 10}}, "ami.max_message_bytes"),
         ({"health": {"heartbeat_misses": 0}}, "health.heartbeat_misses"),
+        ({"health": {"heartbeat_timeout_s": 0}}, "health.heartbeat_timeout_s"),
+        (
+            {"health": {"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 0.6}},
+            "health.heartbeat_timeout_s",
+        ),
         ({"health": {"check_server_updater": "yes"}}, "health.check_server_updater"),
         ({"balance": {"mode": "fast"}}, "balance.mode"),
         ({"balance": {"staggered": 1}}, "balance.staggered"),

@@ -142,13 +142,16 @@ async def test_dropped_connection_with_lost_events_heals_on_reconnect(
         sim = sims[0]
         await sim.originate("93125550001", duration_s=30)
         await eventually(lambda: store_matches_sim(store, sim))
-        # Drop the connection and change the channels while nobody listens.
+        # Change the channels with no events sent (lost), then drop the connection: the
+        # reconnect's snapshot must heal it. (Changing them after the drop raced the reconnect.)
         sim.suppress_events(True)
-        await sim.drop_clients()
         await sim.hangup_all()
         for i in range(4):
             await sim.originate(f"8312555{i:04d}", duration_s=30)
+        logins = sim.logins
+        await sim.drop_clients()
         sim.suppress_events(False)
+        await eventually(lambda: _logged_in_again(sim, logins), timeout=5)
         await eventually(lambda: store_matches_sim(store, sim), timeout=5)
         for other in sims[1:]:
             assert await health_is(store, other.server_ip, Health.UP)

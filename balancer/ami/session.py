@@ -8,7 +8,9 @@ What this class adds (see DESIGN.md, "panoramisk: known traps"):
   - pending actions FAIL when the connection drops; nothing is ever re-sent after a reconnect;
   - event listeners are called inside a guard, so a handler's exception cannot kill the session;
   - an awaited heartbeat Ping that notices a peer that stopped answering;
-  - reconnect with exponential backoff and jitter (tenacity), capped, also after a login rejection.
+  - reconnect with exponential backoff and full jitter (tenacity), capped, reset by a login;
+  - heartbeats on a fixed schedule, so a hung peer is DOWN within a hard bound;
+  - health reasons that are the cause of each change ("stopped" after stop(), never a stale error).
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ import logging
 import os
 import random
 import time
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, NoReturn, Protocol
 
 from panoramisk.actions import Action
 from panoramisk.ami_protocol import AMIProtocol
 from panoramisk.message import Message
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from balancer.ami.codec import MessageReader
 from balancer.ami.endpoint import AmiEndpoint
@@ -120,8 +122,26 @@ class _Protocol(AMIProtocol):  # type: ignore[misc]
             self.transport.close()
 
 
+def backoff_ceiling_s(failures: int, initial_s: float, max_s: float) -> float:
+    """The longest wait after ``failures`` failed attempts in a row: doubling, capped."""
+    return min(max_s, initial_s * 2.0 ** max(0, failures - 1))
+
+
 class AmiSession:
-    """Keeps one server's AMI connection alive and reports events and health to a listener."""
+    """Keeps one server's AMI connection alive and reports events and health to a listener.
+
+    Reconnect policy: every attempt after a failure waits a random time in [0, ceiling] ("full
+    jitter", so the balancers of a site do not all hit a recovering Asterisk in the same
+    instant). The ceiling starts at ``ami.reconnect_initial_s``, doubles with each failed attempt
+    in a row and stops at ``ami.reconnect_max_s``. A successful login resets it: the loss of a
+    connection that logged in waits at most ``reconnect_initial_s``, however often it flaps.
+
+    Hung peers: heartbeat Pings go out every ``heartbeat_interval_s`` on a fixed schedule, each
+    given ``heartbeat_timeout_s`` to be answered; one miss makes the server SUSPECT, and
+    ``heartbeat_misses`` misses in a row DOWN. So DOWN comes at most ``heartbeat_interval_s *
+    heartbeat_misses + heartbeat_timeout_s`` after the last answered Ping, wherever in the cycle
+    the peer stopped answering (2.5 s with the defaults).
+    """
 
     def __init__(
         self,
@@ -130,6 +150,9 @@ class AmiSession:
         health: HealthConfig,
         listener: SessionListener,
         filters: tuple[str, ...] = (),
+        *,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.endpoint = endpoint
         self.ami = ami
@@ -137,83 +160,115 @@ class AmiSession:
         self.listener = listener
         self.filters = filters
         self.name = f"AMI {endpoint.server_ip} ({endpoint.address})"
+        # Injected so that tests can check the schedule and the spread without waiting for it.
+        self._rng = rng if rng is not None else random.Random()
+        self._sleep = sleep
         self._protocol: _Protocol | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._reported = False
         self.health = Health.DOWN
+        self.health_reason = "not connected yet"
         self.connected_since: float | None = None
-        self.reconnects = 0
+        self.attempts = 0  # connection attempts
+        self.reconnects = 0  # attempts after the first one
+        self.failures = 0  # failed attempts since the last login: the backoff's exponent
         self.logins = 0
-        self.last_error = ""
+        self.last_error = ""  # why the last attempt or connection ended
+        self.last_backoff_s = 0.0
+        self.last_heartbeat_at: float | None = None  # time.monotonic() of the last answered Ping
+        self.last_backoff_ceiling_s = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> asyncio.Task[None]:
         """Start the connect/serve/reconnect loop (held by the session; stop() cancels it)."""
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.create_task(self._run(), name=self.name)
         return self._task
 
     async def stop(self) -> None:
         """Log off politely when connected, close, and cancel any pending reconnect."""
+        # From here on nothing the closing connection does is news: the server is DOWN because
+        # we stopped, and that is the only reason reported.
+        self._stopping = True
         protocol = self._protocol
         if protocol is not None and not protocol.closed:
             with contextlib.suppress(AmiError, TimeoutError):
-                await asyncio.wait_for(self._send(protocol, {"Action": "Logoff"}), 0.5)
+                await self._call(protocol, {"Action": "Logoff"}, 0.5)
             protocol.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self._set_health(Health.DOWN, "stopped")
+        self.last_error = "stopped"
+        self._report(Health.DOWN, "stopped")
 
     @property
     def connected(self) -> bool:
+        """True while a connection is open (logged in or logging in)."""
         return self._protocol is not None and not self._protocol.closed
 
     async def _run(self) -> None:
-        stable_after_s = max(10.0, self.ami.reconnect_max_s)
-        while True:
-            retrying = AsyncRetrying(
-                wait=self._backoff,
-                retry=retry_if_exception_type((AmiError, OSError, TimeoutError)),
-                before_sleep=self._before_sleep,
-            )
-            try:
-                async for attempt in retrying:
-                    with attempt:
-                        started = await self._connect_and_serve()
-                        # A connection that stayed up long enough resets the backoff;
-                        # a short one counts as a failure, so a flapping peer cannot make us spin.
-                        if time.monotonic() - started < stable_after_s:
-                            raise AmiError(self.last_error or "connection lost")
-                        break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # pragma: no cover - tenacity retries forever on our errors
-                log.exception("%s: unexpected error, reconnecting: %s", self.name, exc)
-                await asyncio.sleep(self.ami.reconnect_max_s)
+        retrying = AsyncRetrying(
+            sleep=self._sleep,
+            wait=self._backoff,
+            # Our own errors are the expected ends of a connection; anything else is a bug,
+            # logged with its traceback by _before_sleep, and retried all the same.
+            retry=retry_if_exception_type(Exception),
+            before_sleep=self._before_sleep,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._attempt()
+
+    async def _attempt(self) -> None:
+        """One connection, from connect to its end; always ends by raising why it ended."""
+        if self.attempts:
             self.reconnects += 1
+        self.attempts += 1
+        try:
+            await self._connect_and_serve()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.failures += 1
+            if not isinstance(exc, AmiError) or not self.last_error:
+                self.last_error = _describe(exc)
+            self._report(Health.DOWN, self.last_error)
+            raise
+        raise AmiError(self.last_error or "connection ended")  # pragma: no cover - serve raises
 
     def _backoff(self, state: RetryCallState) -> float:
-        """Exponential from reconnect_initial_s, plus jitter, never above reconnect_max_s."""
-        initial, cap = self.ami.reconnect_initial_s, self.ami.reconnect_max_s
-        exponential = wait_exponential(multiplier=initial, max=cap)(state)
-        return float(min(cap, exponential + random.uniform(0, initial)))
+        """Full jitter under a doubling ceiling that a login resets (see the class docstring)."""
+        ceiling = backoff_ceiling_s(
+            self.failures, self.ami.reconnect_initial_s, self.ami.reconnect_max_s
+        )
+        self.last_backoff_ceiling_s = ceiling
+        self.last_backoff_s = self._rng.uniform(0.0, ceiling)
+        return self.last_backoff_s
 
     def _before_sleep(self, state: RetryCallState) -> None:
-        self.reconnects += 1
-        delay = state.next_action.sleep if state.next_action else 0.0
-        log.warning("%s: %s; reconnecting in %.1fs", self.name, self.last_error, delay)
+        error = state.outcome.exception() if state.outcome is not None else None
+        if error is not None and not isinstance(error, AmiError):
+            log.error("%s: unexpected error", self.name, exc_info=error)
+        log.warning(
+            "%s: %s; reconnecting in %.2fs (attempt %d, wait at most %.2gs)",
+            self.name,
+            self.last_error,
+            self.last_backoff_s,
+            self.attempts + 1,
+            self.last_backoff_ceiling_s,
+        )
 
-    async def _connect_and_serve(self) -> float:
-        """Connect, log in, serve until the connection ends; returns when it was established."""
+    async def _connect_and_serve(self) -> None:
+        """Connect, log in, serve until the connection ends; raises AmiError saying why."""
+        self.last_error = ""
         host, port = self.endpoint.host, self.endpoint.port
         if os.environ.get(LOOPBACK_ONLY_ENV) and not is_loopback(host):
-            self.last_error = (
-                f"refusing to connect to non-loopback {host} ({LOOPBACK_ONLY_ENV} set)"
-            )
-            raise AmiError(self.last_error)
+            self._fail(f"refusing to connect to non-loopback {host} ({LOOPBACK_ONLY_ENV} set)")
         loop = asyncio.get_running_loop()
         max_bytes = self.ami.max_message_bytes
         try:
@@ -222,35 +277,38 @@ class AmiSession:
                 self.ami.connect_timeout_s,
             )
         except TimeoutError:
-            self.last_error = f"connect timed out after {self.ami.connect_timeout_s:g}s"
-            raise AmiError(self.last_error) from None
+            self._fail(f"connect timed out after {self.ami.connect_timeout_s:g}s")
         except OSError as exc:
-            self.last_error = f"cannot connect: {exc.strerror or exc}"
-            raise AmiError(self.last_error) from None
+            self._fail(f"cannot connect: {exc.strerror or exc}")
         assert isinstance(protocol, _Protocol)
         self._protocol = protocol
         try:
             await self._login(protocol)
-            started = time.monotonic()
             self.connected_since = time.time()
             self.logins += 1
-            self._set_health(Health.UP, "logged in")
+            self.failures = 0  # a login is a success: the next wait starts from the initial one
+            self._report(Health.UP, "logged in")
             self._notify(self.listener.on_login, self.endpoint.server_ip)
-            await self._serve(protocol)
-            return started
+            self._fail(await self._serve(protocol))
+        except AmiError as exc:
+            self.last_error = self.last_error or str(exc)
+            raise
         finally:
             protocol.close()
             self._protocol = None
             self.connected_since = None
-            self._set_health(Health.DOWN, self.last_error or "disconnected")
+
+    def _fail(self, reason: str) -> NoReturn:
+        """End this attempt: ``reason`` is what the DOWN it causes says."""
+        self.last_error = reason
+        raise AmiError(reason)
 
     async def _login(self, protocol: _Protocol) -> None:
         timeout = self.ami.action_timeout_s
         try:
             await asyncio.wait_for(protocol.banner_event.wait(), timeout)
         except TimeoutError:
-            self.last_error = f"no AMI banner within {timeout:g}s"
-            raise AmiError(self.last_error) from None
+            self._fail(f"no AMI banner within {timeout:g}s")
         response = await self._request(
             protocol,
             {
@@ -261,8 +319,7 @@ class AmiSession:
             },
         )
         if response.get("Response") != "Success":
-            self.last_error = f"login rejected: {response.get('Message', 'no message')}"
-            raise AmiError(self.last_error)
+            self._fail(f"login rejected: {response.get('Message', 'no message')}")
         if self.ami.use_filters:
             for expression in self.filters:
                 # Older Asterisk answers Error to Filter; that only costs us bandwidth.
@@ -270,59 +327,78 @@ class AmiSession:
                     protocol, {"Action": "Filter", "Operation": "Add", "Filter": expression}
                 )
 
-    async def _serve(self, protocol: _Protocol) -> None:
-        """Heartbeat until the connection closes or the peer stops answering."""
-        interval = self.health_config.heartbeat_interval_s
+    async def _serve(self, protocol: _Protocol) -> str:
+        """Heartbeat on a fixed schedule until the connection ends; returns why it ended."""
+        # asyncio's clock is time.monotonic(), so the schedule and last_heartbeat_at agree.
+        loop = asyncio.get_running_loop()
         misses = 0
+        due = loop.time()
         while not protocol.closed:
-            sent = time.monotonic()
+            # Read each round, so that a reload applies to running sessions.
+            config = self.health_config
+            interval = config.heartbeat_interval_s
+            timeout = min(config.heartbeat_timeout_s, interval)
+            sent = loop.time()
             try:
-                await asyncio.wait_for(self._send(protocol, {"Action": "Ping"}), interval)
+                await self._call(protocol, {"Action": "Ping"}, timeout)
             except TimeoutError:
                 misses += 1
-                if misses >= self.health_config.heartbeat_misses:
-                    self.last_error = f"no answer to {misses} heartbeats"
-                    protocol.abort(AmiError(self.last_error))
-                    break
-                self._set_health(Health.SUSPECT, f"heartbeat missed ({misses})")
-                continue
+                if misses >= config.heartbeat_misses:
+                    reason = f"no answer to {misses} heartbeats"
+                    protocol.abort(AmiError(reason))
+                    log.warning("%s: %s", self.name, reason)
+                    return reason
+                self._report(Health.SUSPECT, f"heartbeat missed ({misses})")
             except AmiError:
                 break
-            rtt = time.monotonic() - sent
-            misses = 0
-            self._set_health(Health.UP, "heartbeat ok")
-            self._notify(self.listener.on_rtt, self.endpoint.server_ip, rtt * 1000.0)
+            else:
+                self.last_heartbeat_at = time.monotonic()
+                rtt = self.last_heartbeat_at - sent
+                misses = 0
+                self._report(Health.UP, "heartbeat ok")
+                self._notify(self.listener.on_rtt, self.endpoint.server_ip, rtt * 1000.0)
+            # The next Ping is due one interval after this one was, not after its answer: the
+            # bound on DOWN then holds wherever in the cycle the peer stops answering. A loop
+            # that fell behind sends at once rather than in a burst.
+            due = max(due + interval, loop.time())
             closed = asyncio.ensure_future(protocol.closed_event.wait())
             try:
-                await asyncio.wait({closed}, timeout=max(0.0, interval - rtt))
+                await asyncio.wait({closed}, timeout=due - loop.time())
             finally:
                 closed.cancel()
-        error = protocol.error
-        if not self.last_error or not isinstance(error, AmiError) or str(error) != self.last_error:
-            self.last_error = _describe(error)
-        log.warning("%s: connection lost: %s", self.name, self.last_error)
+        reason = _describe(protocol.error)
+        log.warning("%s: connection lost: %s", self.name, reason)
+        return reason
 
     # ------------------------------------------------------------------ actions
 
-    async def _send(self, protocol: _Protocol, action: Mapping[str, str]) -> Any:
-        """Send an action through panoramisk and await its (un-timed) future."""
+    async def _call(self, protocol: _Protocol, action: Mapping[str, str], limit_s: float) -> Any:
+        """Send an action through panoramisk and await its reply for at most ``limit_s``.
+
+        Raises TimeoutError (the caller words it) or AmiError when the connection is gone.
+        """
         if protocol.closed:
             raise AmiError(f"{self.name}: not connected")
         fields = dict(action)
         if fields.get("Action", "").lower() == "originate":
             fields.setdefault("Async", "true")  # trap 2: a missing Async key breaks panoramisk
+        request = Action(fields)
         # as_list=None lets panoramisk detect EventList replies (its protocol defaults to False,
         # which would resolve CoreShowChannels with its first message only).
-        return await protocol.send(Action(fields), as_list=None)
+        future = protocol.send(request, as_list=None)
+        try:
+            return await asyncio.wait_for(future, limit_s)  # trap 5: panoramisk never times out
+        except TimeoutError:
+            # A late reply must not find a waiting action: forget it (panoramisk would keep it).
+            protocol.responses.pop(request.id, None)
+            raise
 
     async def _request(self, protocol: _Protocol, action: Mapping[str, str]) -> AmiMessage:
+        timeout = self.ami.action_timeout_s
         try:
-            reply = await asyncio.wait_for(self._send(protocol, action), self.ami.action_timeout_s)
+            reply = await self._call(protocol, action, timeout)
         except TimeoutError:
-            self.last_error = (
-                f"{action.get('Action')} timed out after {self.ami.action_timeout_s:g}s"
-            )
-            raise AmiError(self.last_error) from None
+            raise AmiError(f"{action.get('Action')} timed out after {timeout:g}s") from None
         return _as_dict(reply[0] if isinstance(reply, list) else reply)
 
     async def action(self, action: Mapping[str, str]) -> AmiMessage:
@@ -338,7 +414,7 @@ class AmiSession:
         if protocol is None or protocol.closed:
             raise AmiError(f"{self.name}: not connected")
         try:
-            reply = await asyncio.wait_for(self._send(protocol, action), self.ami.action_timeout_s)
+            reply = await self._call(protocol, action, self.ami.action_timeout_s)
         except TimeoutError:
             raise AmiError(f"{self.name}: {action.get('Action')} timed out") from None
         messages = [_as_dict(m) for m in (reply if isinstance(reply, list) else [reply])]
@@ -357,9 +433,19 @@ class AmiSession:
         """Hand an event to the listener; its exceptions are logged, never propagated (trap 3)."""
         self._notify(self.listener.on_event, self.endpoint.server_ip, event)
 
-    def _set_health(self, health: Health, reason: str) -> None:
-        if health is not self.health:
-            self.health = health
+    def _report(self, health: Health, reason: str) -> None:
+        """Tell the listener about a change of health, with the cause of this change.
+
+        While stopping, only the final "stopped" is reported. A DOWN server whose cause changes
+        (refused, then rejected) reports the new cause: it is why the server is down now.
+        """
+        if self._stopping and reason != "stopped":
+            return
+        changed = health is not self.health or (
+            health is Health.DOWN and reason != self.health_reason
+        )
+        if changed or not self._reported:
+            self.health, self.health_reason, self._reported = health, reason, True
             self._notify(self.listener.on_health, self.endpoint.server_ip, health, reason)
 
     def _notify(self, callback: Any, *args: Any) -> None:
