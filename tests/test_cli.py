@@ -130,11 +130,11 @@ async def test_run_daemon_seen_by_status_in_another_process_then_sigterm(
         await writer.wait_closed()
         assert body.startswith("HTTP/1.") and " 200 " in body.splitlines()[0]
         assert 'server_ip="10.10.0.1"' in body and "vici_balancer_server_lines{" in body
-        started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(proc.wait, 10)
+        # The 30 s wait only ends a hung test; the shutdown deadline is test_lifecycle's.
+        code = await asyncio.to_thread(proc.wait, 30)
         assert code == 0
-        assert time.monotonic() - started < 5
+        assert " stopped after " in proc.communicate()[1]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -61,8 +61,10 @@ class SimClient:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         write_delay: Callable[[], float],
+        running: asyncio.Event | None = None,
     ) -> None:
-        """Wrap the streams; ``write_delay`` is read before every write (fault injection)."""
+        """Wrap the streams; ``write_delay`` is read before every write, and nothing is written
+        while ``running`` is clear (fault injection)."""
         self.reader = reader
         self.writer = writer
         self.authenticated = False
@@ -76,6 +78,7 @@ class SimClient:
         self.task: asyncio.Task[None] | None = None
         self.writer_task: asyncio.Task[None] | None = None
         self._write_delay = write_delay
+        self._running = running
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -131,6 +134,15 @@ class SimClient:
                 delay = self._write_delay()
                 if delay > 0 and chunks:
                     await asyncio.sleep(delay)
+                if self._running is not None and not self._running.is_set():
+                    await self._running.wait()
+                    while not self._queue.empty():  # what piled up meanwhile goes out too
+                        item = self._queue.get_nowait()
+                        items.append(item)
+                        if isinstance(item, bytes):
+                            chunks.append(item)
+                        elif isinstance(item, asyncio.Future):
+                            waiters.append(item)
                 if chunks:
                     self.writer.write(b"".join(chunks))
                     await self.writer.drain()

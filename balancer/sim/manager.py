@@ -56,6 +56,9 @@ class ManagerInterface:
         self.accepting = False
         self.clients: set[SimClient] = set()
         self.unresponsive = False
+        # Cleared while the whole server is stopped (SIGSTOP): nothing is read or written.
+        self.running = asyncio.Event()
+        self.running.set()
         self.suppress = False
         self.write_delay_s = 0.0
         self.logins = 0
@@ -79,7 +82,7 @@ class ManagerInterface:
         if not self.accepting:  # stopping: refuse quietly
             writer.transport.abort()
             return
-        client = SimClient(reader, writer, lambda: self.write_delay_s)
+        client = SimClient(reader, writer, lambda: self.write_delay_s, self.running)
         self.clients.add(client)
         self.connections += 1
         client.writer_task = self.tasks.spawn(client.write_loop(), name=f"sim-write-{client.peer}")
@@ -90,6 +93,7 @@ class ManagerInterface:
         client.send(BANNER)
         try:
             while not client.closing:
+                await self.running.wait()
                 data = await client.reader.read(65536)
                 if not data:
                     break
@@ -98,6 +102,7 @@ class ManagerInterface:
                 except AmiProtocolError:
                     break  # an oversized request: Asterisk drops such a client
                 for message in messages:
+                    await self.running.wait()  # a stopped server answers after it resumes
                     if self.unresponsive or client.closing:
                         continue
                     await self._dispatch(client, message)

@@ -125,6 +125,7 @@ class SimAsterisk:
         """Close every client, cancel every task and stop listening."""
         server, self._server = self._server, None
         self.manager.accepting = False
+        self.manager.running.set()  # a stopped server starts again unpaused
         if server is not None:
             server.close()
         for client in list(self.manager.clients):
@@ -321,6 +322,14 @@ class SimAsterisk:
     def set_unresponsive(self, on: bool) -> None:
         """Keep sockets open but read and ignore actions and send nothing (a hung Asterisk)."""
         self.manager.unresponsive = on
+
+    def set_paused(self, on: bool) -> None:
+        """Stop the whole server as SIGSTOP would: nothing is read or written and new
+        connections get no banner; on resume everything waiting is answered, in order."""
+        if on:
+            self.manager.running.clear()
+        else:
+            self.manager.running.set()
 
     def set_write_delay(self, seconds: float) -> None:
         """Wait this long before every write to every client (a slow server)."""
