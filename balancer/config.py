@@ -89,7 +89,7 @@ class AmiConfig:
     connect_timeout_s: float = 3.0
     action_timeout_s: float = 5.0
     reconnect_initial_s: float = 0.5
-    reconnect_max_s: float = 30.0
+    reconnect_max_s: float = 10.0
     registry_refresh_s: float = 10.0
     reconcile_interval_s: float = 30.0
     max_message_bytes: int = 65536
@@ -250,7 +250,7 @@ def _ami(section: _Section, env: Mapping[str, str]) -> AmiConfig:
         connect_timeout_s=section.get("connect_timeout_s", 3.0, _positive_float),
         action_timeout_s=section.get("action_timeout_s", 5.0, _positive_float),
         reconnect_initial_s=section.get("reconnect_initial_s", 0.5, _positive_float),
-        reconnect_max_s=section.get("reconnect_max_s", 30.0, _positive_float),
+        reconnect_max_s=section.get("reconnect_max_s", 10.0, _positive_float),
         registry_refresh_s=section.get("registry_refresh_s", 10.0, _positive_float),
         reconcile_interval_s=section.get("reconcile_interval_s", 30.0, _positive_float),
         max_message_bytes=section.get("max_message_bytes", 65536, _int_min(1024)),

@@ -49,7 +49,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -61,16 +60,17 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scratch import bench_database_url, scratch_databases
+
 from balancer.balance.executor import Executor
 from balancer.balance.model import Plan
 from balancer.balance.planner import plan_cycle
 from balancer.config import BalanceConfig
 from balancer.db import fence as lease
-from balancer.db.connection import Connection, connect, connect_server
+from balancer.db.connection import Connection, connect
 from balancer.db.fence import LeaderFence
-from balancer.db.schema import install
 from balancer.db.snapshot import read_snapshot
-from balancer.db.url import DatabaseUrl, parse_database_url
+from balancer.db.url import DatabaseUrl
 from balancer.db.worker import DbWorker
 from balancer.sim.seed import SeedCampaign, SeedServer, seed_campaigns, seed_servers
 
@@ -655,25 +655,9 @@ def main() -> None:
     parser.add_argument("--pacing-calls", type=int, default=200)
     parser.add_argument("--pacing-cps", default="50,200", help="configured calls/s to test")
     args = parser.parse_args()
-    url = parse_database_url(os.environ.get("VB_BENCH_DATABASE_URL", DEFAULT_URL))
-    if not url.database.startswith("vb_"):
-        raise SystemExit(f"refusing to use database {url.database!r}: it must start with vb_")
-    admin = connect_server(url)
-    with admin.cursor() as cur:
-        # Two runs on one database would drop it under each other: hold a lock named after it.
-        cur.execute("SELECT GET_LOCK(%s, 0)", (f"bench/cycle.py {url.database}",))
-        row = cur.fetchone()
-        if row is None or row[0] != 1:
-            admin.close()
-            raise SystemExit(
-                f"database {url.database} is in use by another bench/cycle.py run;"
-                " set VB_BENCH_DATABASE_URL to another vb_ database"
-            )
-        cur.execute(f"DROP DATABASE IF EXISTS `{url.database}`")
-        cur.execute(f"CREATE DATABASE `{url.database}`")
-    try:
+    url = bench_database_url(DEFAULT_URL)
+    with scratch_databases("bench/cycle.py", url):
         conn = connect(url)
-        install(conn)
         for n_servers, n_campaigns in parse_sizes(args.sizes):
             for figure in bench_size(conn, n_servers, n_campaigns, args.runs):
                 print(json.dumps(figure), flush=True)
@@ -681,10 +665,6 @@ def main() -> None:
             figure = asyncio.run(pacing_run(url, conn, args.pacing_calls, cps))
             print(json.dumps(figure), flush=True)
         conn.close()
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{url.database}`")
-        admin.close()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ BENCHES = [
     "retention.py",
     "kamailio_failover.py",
     "dashboard.py",
+    "detect.py",
 ]
 
 

@@ -66,18 +66,24 @@ class Listener:
 
 
 @dataclass
-class RecordingSleep:
-    """Stands in for asyncio.sleep: records each wait, then yields only briefly."""
+class FakeTime:
+    """The session's clock and sleep: a sleep records the wait and moves the clock by it, at once.
+
+    So the schedule is checked exactly (as if every wait had been waited) in no time at all.
+    """
 
     session: AmiSession | None = None
+    now: float = 1000.0
     waits: list[tuple[float, float]] = field(default_factory=list)  # (delay, its ceiling)
-    slept: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def __call__(self, seconds: float) -> None:
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
         assert self.session is not None
         self.waits.append((seconds, self.session.last_backoff_ceiling_s))
-        self.slept.set()
-        await asyncio.sleep(0.005)
+        self.now += seconds
+        await asyncio.sleep(0.005)  # a real moment, so that refused attempts do not spin
 
 
 def endpoint_for(sim: SimAsterisk) -> AmiEndpoint:
@@ -91,11 +97,24 @@ def make_session(
     ami: AmiConfig = AMI,
     health: HealthConfig = HEALTH,
     seed: int = 1,
-) -> tuple[AmiSession, RecordingSleep]:
-    sleep = RecordingSleep()
-    session = AmiSession(endpoint, ami, health, listener, rng=random.Random(seed), sleep=sleep)
-    sleep.session = session
-    return session, sleep
+) -> tuple[AmiSession, FakeTime]:
+    fake = FakeTime()
+    session = AmiSession(
+        endpoint,
+        ami,
+        health,
+        listener,
+        rng=random.Random(seed),
+        sleep=fake.sleep,
+        clock=fake.clock,
+    )
+    fake.session = session
+    return session, fake
+
+
+def expected_ceilings(delays: list[float], initial: float, cap: float) -> list[float]:
+    """Each wait's ceiling: the time unreachable so far (the waits before it), within limits."""
+    return [min(cap, max(initial, sum(delays[:i]))) for i in range(len(delays))]
 
 
 def free_port() -> int:
@@ -130,30 +149,33 @@ async def stopped(session: AmiSession) -> None:
 async def test_a_flapping_server_is_reconnected_after_each_outage_with_the_backoff_reset(
     server: SimAsterisk,
 ) -> None:
-    """Six outages: each one's waits start from reconnect_initial_s again and double from there."""
+    """Six outages: each one's waits start from reconnect_initial_s again and never exceed the
+    time the server has been away, so it is back within about as long as each outage lasted."""
     listener = Listener()
-    session, sleep = make_session(endpoint_for(server), listener)
+    session, fake = make_session(endpoint_for(server), listener)
     session.start()
     try:
         await until(lambda: session.health is Health.UP)
-        outages: list[list[float]] = []
+        outages: list[list[tuple[float, float]]] = []
         for flap in range(6):
-            first = len(sleep.waits)
+            first = len(fake.waits)
             await server.stop()  # connection closed, then every attempt refused
             # Let the outage last a few attempts: the ceiling grows before the server is back.
-            await until(lambda first=first: len(sleep.waits) - first >= 4)  # type: ignore[misc]
+            await until(lambda first=first: len(fake.waits) - first >= 6)  # type: ignore[misc]
             logins = session.logins
             await server.start()  # same port: the server answers again
             await until(lambda logins=logins: session.logins > logins)  # type: ignore[misc]
             assert session.health is Health.UP, f"flap {flap}"
             assert session.failures == 0, f"flap {flap}: the login did not reset the backoff"
-            outages.append([ceiling for _, ceiling in sleep.waits[first:]])
-        for flap, ceilings in enumerate(outages):
-            expected = [min(30.0, 0.5 * 2**i) for i in range(len(ceilings))]
-            assert ceilings == expected, f"flap {flap}: {ceilings}"
-        assert all(0.0 <= delay <= ceiling for delay, ceiling in sleep.waits)
+            outages.append(fake.waits[first:])
+        for flap, waits in enumerate(outages):
+            delays, ceilings = [d for d, _ in waits], [c for _, c in waits]
+            assert ceilings[0] == 0.5, f"flap {flap}: not reset"
+            assert ceilings == pytest.approx(expected_ceilings(delays, 0.5, 30.0)), f"flap {flap}"
+            assert ceilings[-1] > 0.5, f"flap {flap}: the ceiling never grew"
+        assert all(0.0 <= delay <= ceiling for delay, ceiling in fake.waits)
         assert listener.states == [Health.UP] + [Health.DOWN, Health.UP] * 6
-        assert session.reconnects == len(sleep.waits)  # one attempt after every wait
+        assert session.reconnects == len(fake.waits)  # one attempt after every wait
     finally:
         await stopped(session)
 
@@ -163,62 +185,59 @@ async def test_a_connection_that_logged_in_waits_at_most_the_initial_backoff() -
     sim = SimAsterisk("10.10.0.2")
     await sim.start()
     listener = Listener()
-    session, sleep = make_session(endpoint_for(sim), listener)
+    session, fake = make_session(endpoint_for(sim), listener)
     session.start()
     try:
         for _ in range(5):
             logins = session.logins
             await until(lambda logins=logins: session.logins > logins)  # type: ignore[misc]
             await sim.drop_clients()
-        await until(lambda: len(sleep.waits) >= 5)
-        assert [ceiling for _, ceiling in sleep.waits[:5]] == [0.5] * 5
+        await until(lambda: len(fake.waits) >= 5)
+        assert [ceiling for _, ceiling in fake.waits[:5]] == [0.5] * 5
     finally:
         await stopped(session)
         await sim.stop()
 
 
-def test_backoff_ceiling_doubles_from_initial_up_to_the_cap() -> None:
-    assert [backoff_ceiling_s(n, 0.5, 30.0) for n in range(1, 10)] == [
+def test_backoff_ceiling_follows_the_outage_within_its_limits() -> None:
+    assert [backoff_ceiling_s(t, 0.5, 30.0) for t in (0.0, 0.2, 0.5, 1.0, 7.5, 30.0, 99.0)] == [
+        0.5,
+        0.5,
         0.5,
         1.0,
-        2.0,
-        4.0,
-        8.0,
-        16.0,
-        30.0,
+        7.5,
         30.0,
         30.0,
     ]
-    assert backoff_ceiling_s(0, 0.5, 30.0) == 0.5
 
 
 async def _waits_against_a_closed_port(seed: int, count: int) -> list[tuple[float, float]]:
     listener = Listener()
     endpoint = AmiEndpoint("10.10.0.9", "127.0.0.1", free_port(), "cron", "1234")
     ami = replace(AMI, reconnect_initial_s=0.5, reconnect_max_s=4.0)
-    session, sleep = make_session(endpoint, listener, ami=ami, seed=seed)
+    session, fake = make_session(endpoint, listener, ami=ami, seed=seed)
     session.start()
     try:
-        await until(lambda: len(sleep.waits) >= count, timeout=30)
+        await until(lambda: len(fake.waits) >= count, timeout=30)
     finally:
         await stopped(session)
     assert listener.health and all(h is Health.DOWN for h, _ in listener.health)
     assert listener.health[-1] == (Health.DOWN, "stopped")
-    return sleep.waits[:count]
+    return fake.waits[:count]
 
 
 async def test_jitter_at_the_cap_spreads_over_the_whole_range() -> None:
     """Full jitter: at the cap, waits cover [0, cap] evenly; seeded, so the draw is repeatable."""
-    waits = await _waits_against_a_closed_port(seed=7, count=304)
-    ceilings = [ceiling for _, ceiling in waits]
-    assert ceilings[:4] == [0.5, 1.0, 2.0, 4.0]
+    waits = await _waits_against_a_closed_port(seed=7, count=320)
+    delays, ceilings = [d for d, _ in waits], [c for _, c in waits]
+    assert ceilings == pytest.approx(expected_ceilings(delays, 0.5, 4.0))
     at_cap = [delay for delay, ceiling in waits if ceiling == 4.0]
-    assert len(at_cap) == 301
+    assert len(at_cap) >= 300
     assert all(0.0 <= delay <= 4.0 for delay in at_cap)
     assert len(set(at_cap)) == len(at_cap), "no two balancers' waits should coincide"
-    # Every quarter of the range gets its share (uniform would give ~75 each).
+    # Every quarter of the range gets its share (uniform would give a quarter each).
     quarters = [sum(1 for d in at_cap if q <= d < q + 1) for q in range(4)]
-    assert all(45 <= n <= 105 for n in quarters), quarters
+    assert all(0.15 * len(at_cap) <= n <= 0.35 * len(at_cap) for n in quarters), quarters
     assert min(at_cap) < 0.2 and max(at_cap) > 3.8
     # Same seed, same schedule; another seed (another balancer), another one.
     assert await _waits_against_a_closed_port(seed=7, count=20) == waits[:20]

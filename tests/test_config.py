@@ -39,7 +39,7 @@ def test_defaults() -> None:
     assert config.health.heartbeat_timeout_s == 0.5
     assert config.balance.mode == "live"
     assert config.balance.cycle_interval_s == 2.5
-    assert config.ami.reconnect_max_s == 30.0
+    assert config.ami.reconnect_max_s == 10.0
     assert config.database.url.database == "asterisk"
     assert config.database.source == "config"
 

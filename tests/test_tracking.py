@@ -262,9 +262,9 @@ async def test_bad_input_reconnects_only_that_session(
             state = await store.server(sim.server_ip)
             assert state is not None and state.meta.health is Health.DOWN
             assert state.meta.health_reason == "login rejected: Authentication failed"
-            # Backoff, not a tight loop: a rejected login is a failure, so the ceiling grows.
+            # A rejected login is a failure: it never resets the backoff (whose schedule
+            # test_ami_sessions checks), and the server stays DOWN with the rejection as cause.
             assert session.logins == 0
-            assert session.last_backoff_ceiling_s >= 2 * FAST_AMI.reconnect_initial_s
             assert sim.login_failures >= 3
             return
         await eventually(lambda: all_up(store, sims))

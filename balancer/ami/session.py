@@ -8,7 +8,8 @@ What this class adds (see DESIGN.md, "panoramisk: known traps"):
   - pending actions FAIL when the connection drops; nothing is ever re-sent after a reconnect;
   - event listeners are called inside a guard, so a handler's exception cannot kill the session;
   - an awaited heartbeat Ping that notices a peer that stopped answering;
-  - reconnect with exponential backoff and full jitter (tenacity), capped, reset by a login;
+  - reconnect with backoff (tenacity): full jitter under a ceiling that follows the outage's
+    length, capped, reset by a login;
   - heartbeats on a fixed schedule, so a hung peer is DOWN within a hard bound;
   - health reasons that are the cause of each change ("stopped" after stop(), never a stale error).
 """
@@ -122,9 +123,9 @@ class _Protocol(AMIProtocol):  # type: ignore[misc]
             self.transport.close()
 
 
-def backoff_ceiling_s(failures: int, initial_s: float, max_s: float) -> float:
-    """The longest wait after ``failures`` failed attempts in a row: doubling, capped."""
-    return min(max_s, initial_s * 2.0 ** max(0, failures - 1))
+def backoff_ceiling_s(unreachable_s: float, initial_s: float, max_s: float) -> float:
+    """The longest wait once a server has been unreachable this long: as long, within limits."""
+    return min(max_s, max(initial_s, unreachable_s))
 
 
 class AmiSession:
@@ -132,9 +133,14 @@ class AmiSession:
 
     Reconnect policy: every attempt after a failure waits a random time in [0, ceiling] ("full
     jitter", so the balancers of a site do not all hit a recovering Asterisk in the same
-    instant). The ceiling starts at ``ami.reconnect_initial_s``, doubles with each failed attempt
-    in a row and stops at ``ami.reconnect_max_s``. A successful login resets it: the loss of a
-    connection that logged in waits at most ``reconnect_initial_s``, however often it flaps.
+    instant). The ceiling is how long the server has been unreachable so far, at least
+    ``ami.reconnect_initial_s`` and at most ``ami.reconnect_max_s``: each wait is at most the
+    time already waited, so attempts thin out geometrically (about x1.5 apart on average) while
+    it stays away, and once it answers again it is reconnected within about as long as the
+    outage had lasted. (A ceiling doubled per attempt let attempts that fail at once, such as a
+    refused connection, push it far past the outage: seconds after a 1 s blip.) A successful
+    login resets it: the loss of a connection that logged in waits at most
+    ``reconnect_initial_s``, however often the server flaps.
 
     Hung peers: heartbeat Pings go out every ``heartbeat_interval_s`` on a fixed schedule, each
     given ``heartbeat_timeout_s`` to be answered; one miss makes the server SUSPECT, and
@@ -153,6 +159,7 @@ class AmiSession:
         *,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.endpoint = endpoint
         self.ami = ami
@@ -163,16 +170,19 @@ class AmiSession:
         # Injected so that tests can check the schedule and the spread without waiting for it.
         self._rng = rng if rng is not None else random.Random()
         self._sleep = sleep
+        self._clock = clock
+        self._unreachable_since: float | None = None  # the first failure since the last login
         self._protocol: _Protocol | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._reported = False
         self.health = Health.DOWN
         self.health_reason = "not connected yet"
+        self.health_changed_at = time.monotonic()  # when health or a DOWN's cause last changed
         self.connected_since: float | None = None
         self.attempts = 0  # connection attempts
         self.reconnects = 0  # attempts after the first one
-        self.failures = 0  # failed attempts since the last login: the backoff's exponent
+        self.failures = 0  # failed attempts since the last login
         self.logins = 0
         self.last_error = ""  # why the last attempt or connection ended
         self.last_backoff_s = 0.0
@@ -235,6 +245,8 @@ class AmiSession:
             raise
         except Exception as exc:
             self.failures += 1
+            if self._unreachable_since is None:
+                self._unreachable_since = self._clock()
             if not isinstance(exc, AmiError) or not self.last_error:
                 self.last_error = _describe(exc)
             self._report(Health.DOWN, self.last_error)
@@ -242,9 +254,11 @@ class AmiSession:
         raise AmiError(self.last_error or "connection ended")  # pragma: no cover - serve raises
 
     def _backoff(self, state: RetryCallState) -> float:
-        """Full jitter under a doubling ceiling that a login resets (see the class docstring)."""
+        """Full jitter under a ceiling that follows the outage (see the class docstring)."""
+        since = self._unreachable_since
+        unreachable_s = 0.0 if since is None else self._clock() - since
         ceiling = backoff_ceiling_s(
-            self.failures, self.ami.reconnect_initial_s, self.ami.reconnect_max_s
+            unreachable_s, self.ami.reconnect_initial_s, self.ami.reconnect_max_s
         )
         self.last_backoff_ceiling_s = ceiling
         self.last_backoff_s = self._rng.uniform(0.0, ceiling)
@@ -286,7 +300,8 @@ class AmiSession:
             await self._login(protocol)
             self.connected_since = time.time()
             self.logins += 1
-            self.failures = 0  # a login is a success: the next wait starts from the initial one
+            # A login is a success: the next loss waits from reconnect_initial_s again.
+            self.failures, self._unreachable_since = 0, None
             self._report(Health.UP, "logged in")
             self._notify(self.listener.on_login, self.endpoint.server_ip)
             self._fail(await self._serve(protocol))
@@ -340,7 +355,11 @@ class AmiSession:
             timeout = min(config.heartbeat_timeout_s, interval)
             sent = loop.time()
             try:
-                await self._call(protocol, {"Action": "Ping"}, timeout)
+                # Answered by due + timeout, counted from the schedule rather than from when
+                # this task got to send it: a late wake-up does not stretch the bound. A loop
+                # far behind still gives the peer half the timeout (its lateness is ours).
+                limit_s = max(timeout / 2, due + timeout - sent)
+                await self._call(protocol, {"Action": "Ping"}, limit_s)
             except TimeoutError:
                 misses += 1
                 if misses >= config.heartbeat_misses:
@@ -446,6 +465,7 @@ class AmiSession:
         )
         if changed or not self._reported:
             self.health, self.health_reason, self._reported = health, reason, True
+            self.health_changed_at = time.monotonic()
             self._notify(self.listener.on_health, self.endpoint.server_ip, health, reason)
 
     def _notify(self, callback: Any, *args: Any) -> None:
