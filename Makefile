@@ -4,11 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-export VB_TEST_DATABASE_URL ?= mysql://vbtest:vbtest@127.0.0.1:3306/vb_test
-export VB_TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
-export VB_DEMO_DATABASE_URL ?= mysql://vbtest:vbtest@127.0.0.1:3306/vb_demo
+# Ports of the services scripts/services starts or finds; the URLs follow them unless set.
+export VB_DB_PORT ?= 3306
+export VB_REDIS_PORT ?= 6379
+export VB_TEST_DATABASE_URL ?= mysql://vbtest:vbtest@127.0.0.1:$(VB_DB_PORT)/vb_test
+export VB_TEST_REDIS_URL ?= redis://127.0.0.1:$(VB_REDIS_PORT)/15
+export VB_DEMO_DATABASE_URL ?= mysql://vbtest:vbtest@127.0.0.1:$(VB_DB_PORT)/vb_demo
 
-.PHONY: test demo lint format bench services browser screenshot venv clean
+.PHONY: test demo lint format bench services services-stop browser screenshot venv clean
 
 venv: $(STAMP)
 
@@ -23,6 +26,10 @@ services:
 
 browser:
 	bash scripts/browser
+
+# Stops only what scripts/services started itself (services run by their packages stay up).
+services-stop:
+	bash scripts/services stop
 
 test: venv services browser
 	$(BIN)/pytest -q -p no:cacheprovider

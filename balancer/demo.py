@@ -152,24 +152,26 @@ async def run_demo(
         SimAsterisk(f"10.10.0.{i}", carriers=CARRIERS, max_lines=40, call_duration_s=CALL_HOLD_S)
         for i in range(1, servers + 1)
     ]
-    for sim in sims:
-        await sim.start()
-    senders = [CommandSender(sim, url, poll_interval_s=0.1) for sim in sims]
-    for sender in senders:
-        await sender.start()
-    conn = await asyncio.to_thread(connect, url)
+    senders: list[CommandSender] = []
     try:
-        await asyncio.to_thread(schema.install, conn)
-        await asyncio.to_thread(seed, conn, sims)
-    finally:
-        conn.close()
-
-    config = demo_config(url)
-    daemon = Daemon(config if http is None else replace(config, http=http))
-    stop = asyncio.Event()
-    traffic_stop = asyncio.Event()
-    started = time.monotonic()
-    try:
+        for sim in sims:
+            await sim.start()
+        conn = await asyncio.to_thread(connect, url)
+        try:
+            await asyncio.to_thread(schema.install, conn)
+            await asyncio.to_thread(seed, conn, sims)
+        finally:
+            conn.close()
+        # The command senders poll vicidial_manager: started before the schema exists, each
+        # poll of a fresh database warned that the table did not exist.
+        senders = [CommandSender(sim, url, poll_interval_s=0.1) for sim in sims]
+        for sender in senders:
+            await sender.start()
+        config = demo_config(url)
+        daemon = Daemon(config if http is None else replace(config, http=http))
+        stop = asyncio.Event()
+        traffic_stop = asyncio.Event()
+        started = time.monotonic()
         async with asyncio.TaskGroup() as group:
             group.create_task(daemon.serve(stop))
             group.create_task(_keep_updater_fresh(url, stop))

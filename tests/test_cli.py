@@ -219,14 +219,27 @@ async def test_sim_command_serves_ami(tmp_path: Path) -> None:
         await asyncio.wait_for(proc.wait(), 10)
 
 
-def test_demo_command(db: Connection, database_url: DatabaseUrl) -> None:
-    port = free_port()
-    args = ["demo", "--database-url", database_url.unmasked(), "--duration", "4"]
-    result = CliRunner().invoke(main, [*args, "--refresh", "1", "--http", f"127.0.0.1:{port}"])
-    assert result.exit_code == 0, result.output
-    assert "10.10.0.3" in result.output and "UP" in result.output
-    assert "tracked channels equal the simulators' own" in result.output
-    assert f"dashboard: http://127.0.0.1:{port}/" in result.output
+def test_demo_command_on_a_fresh_database(database_url: DatabaseUrl) -> None:
+    """As the first `make demo` runs it: an empty database, and no warning about its tables."""
+    fresh = database_url.with_database(f"{database_url.database}_demo")
+    server = connect_server(database_url)
+    try:
+        with server.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{fresh.database}`")
+            cur.execute(f"CREATE DATABASE `{fresh.database}`")
+        port = free_port()
+        args = ["demo", "--database-url", fresh.unmasked(), "--duration", "4"]
+        result = CliRunner().invoke(main, [*args, "--refresh", "1", "--http", f"127.0.0.1:{port}"])
+        assert result.exit_code == 0, result.output
+        assert "10.10.0.3" in result.output and "UP" in result.output
+        assert "tracked channels equal the simulators' own" in result.output
+        assert f"dashboard: http://127.0.0.1:{port}/" in result.output
+        # The demo's own log handler writes to the runner's stderr (it replaces caplog's).
+        assert "doesn't exist" not in result.stderr
+    finally:
+        with server.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{fresh.database}`")
+        server.close()
 
 
 def test_demo_serves_the_dashboard_on_loopback_only() -> None:
