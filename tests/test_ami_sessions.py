@@ -317,6 +317,33 @@ async def test_each_down_says_the_cause_of_that_change(server: SimAsterisk) -> N
         await stopped(session)
 
 
+async def test_stop_ends_a_session_whose_task_lost_a_cancellation(
+    server: SimAsterisk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Python 3.11 asyncio.wait_for (in a library, say) can swallow a cancellation that
+    arrives as its future completes; stop() must still end the session, not wait forever."""
+    listener = Listener()
+    session, _ = make_session(endpoint_for(server), listener)
+    original = session._attempt
+    lost: list[bool] = []
+
+    async def losing_the_first_cancellation() -> None:
+        try:
+            await original()
+        except asyncio.CancelledError:
+            if lost:
+                raise
+            lost.append(True)
+            await asyncio.Event().wait()  # carries on as if nothing had been asked
+
+    monkeypatch.setattr(session, "_attempt", losing_the_first_cancellation)
+    session.start()
+    await until(lambda: session.health is Health.UP)
+    await asyncio.wait_for(session.stop(), 10)  # 10 s only ends a hung test
+    assert lost == [True]
+    assert listener.health[-1] == (Health.DOWN, "stopped")
+
+
 # ---------------------------------------------------------------------------- the daemon
 
 

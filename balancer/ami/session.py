@@ -208,11 +208,15 @@ class AmiSession:
             with contextlib.suppress(AmiError, TimeoutError):
                 await self._call(protocol, {"Action": "Logoff"}, 0.5)
             protocol.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            # Until it has ended: a cancellation lost inside a library's await must not leave
+            # the reconnect loop running (and the daemon's shutdown waiting for it).
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.5)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("%s: session task failed: %s", self.name, task.exception())
         self.last_error = "stopped"
         self._report(Health.DOWN, "stopped")
 
@@ -231,6 +235,8 @@ class AmiSession:
             before_sleep=self._before_sleep,
         )
         async for attempt in retrying:
+            if self._stopping:
+                return  # stop() asked; do not start another connection
             with attempt:
                 await self._attempt()
 
@@ -286,10 +292,10 @@ class AmiSession:
         loop = asyncio.get_running_loop()
         max_bytes = self.ami.max_message_bytes
         try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(self, max_bytes), host, port),
-                self.ami.connect_timeout_s,
-            )
+            async with asyncio.timeout(self.ami.connect_timeout_s):
+                _, protocol = await loop.create_connection(
+                    lambda: _Protocol(self, max_bytes), host, port
+                )
         except TimeoutError:
             self._fail(f"connect timed out after {self.ami.connect_timeout_s:g}s")
         except OSError as exc:
@@ -321,7 +327,8 @@ class AmiSession:
     async def _login(self, protocol: _Protocol) -> None:
         timeout = self.ami.action_timeout_s
         try:
-            await asyncio.wait_for(protocol.banner_event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await protocol.banner_event.wait()
         except TimeoutError:
             self._fail(f"no AMI banner within {timeout:g}s")
         response = await self._request(
@@ -406,7 +413,11 @@ class AmiSession:
         # which would resolve CoreShowChannels with its first message only).
         future = protocol.send(request, as_list=None)
         try:
-            return await asyncio.wait_for(future, limit_s)  # trap 5: panoramisk never times out
+            # Trap 5: panoramisk never times out. asyncio.timeout, not wait_for: on Python 3.11
+            # wait_for can swallow a cancellation that arrives as the reply does, and a
+            # session told to stop would then carry on.
+            async with asyncio.timeout(limit_s):
+                return await future
         except TimeoutError:
             # A late reply must not find a waiting action: forget it (panoramisk would keep it).
             protocol.responses.pop(request.id, None)
