@@ -186,15 +186,15 @@ async def test_closed_connection_is_down_at_once_and_stays_down(
 
 def transitions(caplog: pytest.LogCaptureFixture, sim: SimAsterisk) -> list[tuple[str, str]]:
     """The tracker's health changes of one server, in order, from its log lines."""
-    pattern = re.compile(rf"server {re.escape(sim.address)}: (\w+) -> (\w+) ")
+    pattern = re.compile(rf"server {re.escape(sim.server_ip)}( \(\w+\))?: (\w+) -> (\w+) ")
     found = (pattern.match(r.getMessage()) for r in caplog.records)
-    return [(m.group(1), m.group(2)) for m in found if m is not None]
+    return [(m.group(2), m.group(3)) for m in found if m is not None]
 
 
 def reasons(caplog: pytest.LogCaptureFixture, sim: SimAsterisk) -> list[str]:
-    pattern = re.compile(rf"server {re.escape(sim.address)}: \w+ -> \w+ \((.*)\)$")
+    pattern = re.compile(rf"server {re.escape(sim.server_ip)}( \(\w+\))?: \w+ -> \w+ \((.*)\)$")
     found = (pattern.match(r.getMessage()) for r in caplog.records)
-    return [m.group(1) for m in found if m is not None]
+    return [m.group(2) for m in found if m is not None]
 
 
 async def test_unresponsive_server_goes_suspect_then_down_then_recovers(
