@@ -104,6 +104,9 @@ class Failover:
         # trunk failures of calls not placed here: (seen at, caller code, server_ip, cause)
         self.unknown: deque[tuple[float, str, str, int]] = deque()
         self._unknown_codes: set[str] = set()  # the codes in `unknown` (each kept once)
+        # codes this process decided (its own calls' first Hangup): their other legs are not
+        # "unknown" calls of another leader (insertion ordered, bounded)
+        self._decided: dict[str, None] = {}
         self._epoch: int | None = None
         self._led_since: float | None = None
         # The latest cycle's snapshot (campaigns, servers), and the other servers a retry may
@@ -156,6 +159,7 @@ class Failover:
             if (
                 trunk_failure
                 and code not in self._unknown_codes  # one per call, not one per leg
+                and code not in self._decided  # a later leg of a call of ours
                 and self.routing.retry_failed_calls
                 and self._adopting()
             ):
@@ -165,6 +169,9 @@ class Failover:
                 self._unknown_codes.add(code)
             return
         del self.calls[code]
+        self._decided[code] = None
+        if len(self._decided) > _MAX_UNKNOWN:
+            del self._decided[next(iter(self._decided))]
         if not trunk_failure:
             return  # answered, or busy, no answer, normal clearing ...: the called party's doing
         self.pending.append(FailedCall(entry[0], cause))
@@ -279,6 +286,8 @@ class Failover:
             return None
         failure = f"cause {failed.cause} on carrier {call.carrier_id}"
         if call.retry_of is not None:
+            if failed.adopted:
+                return None  # another leader's retry that failed: it is never retried
             why = f"{failure}: the call was already the retry of {call.retry_of} (at most one)"
             await self._log(db, call, "not_retried", why, failed)
             return None
