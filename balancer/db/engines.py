@@ -28,6 +28,8 @@ CALL_TABLES: tuple[str, ...] = (
 TRANSACTIONAL_ENGINES = frozenset({"InnoDB", "XtraDB"})
 # The fence table must lock for a whole statement (see balancer/db/fence.py).
 FENCE_TABLE = "vb_leader"
+# Engines whose statements hold a table lock from start to end (see balancer/db/fence.py).
+LOCKING_ENGINES = frozenset({"MyISAM", "Aria"})
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,13 @@ import logging
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 
 from balancer.balance.fields import CLAIM_MARKER, marker_caller_code
 from balancer.balance.model import ServerInfo
 from balancer.db.calls import update_lead
 from balancer.db.connection import Connection
 from balancer.db.fence import LeaderFence
-from balancer.db.leads import HopperRow, Lead, delete_dialed
+from balancer.db.leads import HopperRow, delete_dialed, read_lead
 from balancer.db.rows import all_rows, one_row, text
 
 log = logging.getLogger(__name__)
@@ -92,33 +91,6 @@ def _undo_records(conn: Connection, fence: LeaderFence, code: str, lead_id: int)
         )
 
 
-def _lead(conn: Connection, lead_id: int) -> Lead | None:
-    row = one_row(
-        conn,
-        "SELECT list_id, gmt_offset_now, called_since_last_reset, called_count FROM vicidial_list"
-        " WHERE lead_id = %s",
-        lead_id,
-    )
-    if row is None:
-        return None
-    gmt = row[1]
-    return Lead(
-        lead_id=lead_id,
-        list_id=int(row[0] or 0),
-        gmt_offset_now=float(gmt) if isinstance(gmt, Decimal | int | float) else 0.0,
-        called_since_last_reset=text(row[2]),
-        phone_code="",
-        phone_number="",
-        alt_phone="",
-        address3="",
-        security_phrase="",
-        called_count=int(row[3] or 0),
-        state="",
-        list_dial_prefix="",
-        list_cid_override="",
-    )
-
-
 def repair(
     conn: Connection,
     fence: LeaderFence,
@@ -157,7 +129,7 @@ def repair(
             code,
         )
         if originate is not None:
-            lead = _lead(conn, lead_id)
+            lead = read_lead(conn, lead_id)
             server = servers.get(text(originate[0]))
             when = originate[1] if isinstance(originate[1], datetime) else None
             if lead is not None and server is not None and when is not None:

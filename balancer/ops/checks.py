@@ -26,7 +26,7 @@ from balancer.config import AmiConfig, Config
 from balancer.config_values import is_loopback
 from balancer.db import queries, records, schema
 from balancer.db.connection import connect
-from balancer.db.engines import FENCE_TABLE, WritePath, write_path
+from balancer.db.engines import FENCE_TABLE, LOCKING_ENGINES, WritePath, write_path
 from balancer.db.fence import LeaseRow
 from balancer.db.fence import read as read_lease
 from balancer.db.url import DatabaseUrl
@@ -39,8 +39,6 @@ from balancer.store.factory import open_store
 
 STORE_TIMEOUT_S = 5.0
 AMI_PARALLEL = 20  # logins at once; a big cluster is still checked in a few seconds
-# Engines whose statements hold a table lock from start to end (see balancer/db/fence.py).
-LOCKING_ENGINES = frozenset({"MyISAM", "Aria"})
 
 
 @dataclass(frozen=True)
