@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cycle import counters, seed_size
+from scratch import bench_database_url
 
 from balancer.balance.executor import Executor
 from balancer.balance.planner import plan_cycle
@@ -43,7 +43,7 @@ from balancer.db.connection import Connection, connect, connect_server
 from balancer.db.fence import LeaderFence
 from balancer.db.schema import install
 from balancer.db.snapshot import read_snapshot
-from balancer.db.url import DatabaseUrl, parse_database_url
+from balancer.db.url import DatabaseUrl
 from balancer.db.worker import DbWorker
 
 DEFAULT_URL = "mysql://vbtest:vbtest@127.0.0.1:3306/vb_bench_execute"
@@ -181,9 +181,7 @@ def main() -> None:
     parser.add_argument("--campaigns", type=int, default=50)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    base = parse_database_url(os.environ.get("VB_BENCH_DATABASE_URL", DEFAULT_URL))
-    if not base.database.startswith("vb_"):
-        raise SystemExit(f"refusing to use database {base.database!r}: it must start with vb_")
+    base = bench_database_url(DEFAULT_URL)
     admin = connect_server(base)
     urls = {
         engine: base.with_database(f"{base.database}_{engine or 'stock'}".lower())

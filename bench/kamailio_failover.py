@@ -40,6 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("VICI_BALANCER_LOOPBACK_ONLY", "1")
 
 from kamailio_helpers import KamailioProcess, SippUas, flags_by_duid  # noqa: E402
+from scratch import bench_database_url, scratch_databases  # noqa: E402
 from tracking_helpers import FAST_AMI, make_config, running, seed_server  # noqa: E402
 
 from balancer.config import (  # noqa: E402
@@ -49,9 +50,8 @@ from balancer.config import (  # noqa: E402
     KamailioSet,
 )
 from balancer.daemon import Daemon  # noqa: E402
-from balancer.db.connection import connect, connect_server  # noqa: E402
-from balancer.db.schema import install  # noqa: E402
-from balancer.db.url import parse_database_url  # noqa: E402
+from balancer.db.connection import connect  # noqa: E402
+from balancer.db.url import DatabaseUrl  # noqa: E402
 from balancer.sim.server import SimAsterisk  # noqa: E402
 
 DEFAULT_URL = "mysql://vbtest:vbtest@127.0.0.1:3306/vb_bench_kamailio"
@@ -111,13 +111,12 @@ async def watch(
 
 
 async def run(args: argparse.Namespace) -> list[dict[str, object]]:
-    url = parse_database_url(os.environ.get("VB_BENCH_DATABASE_URL", DEFAULT_URL))
-    if not url.database.startswith("vb_"):
-        raise SystemExit(f"refusing to use database {url.database!r}: it must start with vb_")
-    admin = connect_server(url)
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{url.database}`")
-        cur.execute(f"CREATE DATABASE `{url.database}`")
+    url = bench_database_url(DEFAULT_URL)
+    with scratch_databases("bench/kamailio_failover.py", url):
+        return await _run(args, url)
+
+
+async def _run(args: argparse.Namespace, url: DatabaseUrl) -> list[dict[str, object]]:
     workdir = Path(tempfile.mkdtemp(prefix="vb-bench-kamailio-"))
     total = args.servers + args.blind
     sims: list[SimAsterisk] = []
@@ -127,7 +126,6 @@ async def run(args: argparse.Namespace) -> list[dict[str, object]]:
     rng = random.Random(args.seed)
     try:
         conn = connect(url)
-        install(conn)
         for i in range(total):
             sim = SimAsterisk(f"10.10.{i // 200}.{i % 200 + 1}", host="127.0.0.1", port=0)
             await sim.start()
@@ -204,9 +202,6 @@ async def run(args: argparse.Namespace) -> list[dict[str, object]]:
             uas.stop()
         for sim in sims:
             await sim.stop()
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{url.database}`")
-        admin.close()
 
 
 def main() -> None:

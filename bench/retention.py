@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -31,10 +30,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scratch import bench_database_url, scratch_databases
+
 from balancer.db import retention as sql
-from balancer.db.connection import Connection, connect, connect_server
-from balancer.db.schema import install
-from balancer.db.url import parse_database_url
+from balancer.db.connection import Connection, connect
 from balancer.ops.retention import Retention
 from balancer.ops.retention_settings import RetentionConfig
 
@@ -153,24 +152,15 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=14)
     parser.add_argument("--scale", type=float, default=0.01)
     args = parser.parse_args()
-    url = parse_database_url(os.environ.get("VB_BENCH_DATABASE_URL", DEFAULT_URL))
-    if not url.database.startswith("vb_"):
-        raise SystemExit(f"refusing to use database {url.database!r}: it must start with vb_")
-    admin = connect_server(url)
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{url.database}`")
-        cur.execute(f"CREATE DATABASE `{url.database}`")
-    try:
+    url = bench_database_url(DEFAULT_URL)
+    with scratch_databases("bench/retention.py", url):
         conn = connect(url)
-        install(conn)
-        for figure in prune_cost(conn, args.rows):
-            print(json.dumps(figure), flush=True)
-        print(json.dumps(soak(conn, args.cps, args.days, args.scale)), flush=True)
-        conn.close()
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{url.database}`")
-        admin.close()
+        try:
+            for figure in prune_cost(conn, args.rows):
+                print(json.dumps(figure), flush=True)
+            print(json.dumps(soak(conn, args.cps, args.days, args.scale)), flush=True)
+        finally:
+            conn.close()
 
 
 if __name__ == "__main__":
